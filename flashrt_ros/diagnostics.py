@@ -1,0 +1,149 @@
+"""Health figures of the policy node and their diagnostic_msgs form.
+
+diagnostic_updater is not available as a wheel, so the node keeps its own figures:
+achieved publish rate, latency percentiles over a rolling window, skipped ticks by
+reason (total and since the last report), and GPU memory when the engine is on CUDA.
+`PolicyHealth` is plain Python (thread-safe, testable without ROS);
+`diagnostic_status` turns a report into a diagnostic_msgs/DiagnosticStatus.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
+
+
+class RollingWindow:
+    """The last `size` values of a series, with percentiles."""
+
+    def __init__(self, size: int = 200):
+        self._values = collections.deque(maxlen=size)
+
+    def add(self, value: float) -> None:
+        self._values.append(value)
+
+    def percentile(self, q: float) -> float | None:
+        if not self._values:
+            return None
+        return float(np.percentile(np.fromiter(self._values, float), q))
+
+
+@dataclass
+class HealthReport:
+    level: int
+    message: str
+    values: dict[str, str] = field(default_factory=dict)
+
+
+class PolicyHealth:
+    """Figures of one policy node. Times for rate and inference latency are host
+    monotonic seconds; observation-to-publish latency is on the node clock."""
+
+    def __init__(self, rate_window_s: float = 5.0, latency_window: int = 200):
+        self._lock = threading.Lock()
+        self._rate_window_s = rate_window_s
+        self._publish_times = collections.deque()
+        self.inference_latency = RollingWindow(latency_window)
+        self.observation_latency = RollingWindow(latency_window)
+        self.published = 0
+        self.skipped: collections.Counter = collections.Counter()
+        self._skipped_since_report: collections.Counter = collections.Counter()
+        self._published_since_report = 0
+        self._last_skip_detail: dict[str, str] = {}
+
+    def record_published(self, inference_s: float, observation_to_publish_s: float,
+                         now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self.published += 1
+            self._published_since_report += 1
+            self._publish_times.append(now)
+            self.inference_latency.add(inference_s)
+            self.observation_latency.add(observation_to_publish_s)
+
+    def record_skipped(self, reason: str, detail: str = "") -> None:
+        with self._lock:
+            self.skipped[reason] += 1
+            self._skipped_since_report[reason] += 1
+            self._last_skip_detail[reason] = detail
+
+    def rate(self, now: float | None = None) -> float:
+        """Chunks published per second over the last `rate_window_s` seconds."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            while self._publish_times and self._publish_times[0] < now - self._rate_window_s:
+                self._publish_times.popleft()
+            return len(self._publish_times) / self._rate_window_s
+
+    def report(self, *, active: bool, engine: dict[str, str],
+               now: float | None = None) -> HealthReport:
+        """Figures since start plus the level of the period since the last report:
+        ERROR when active and nothing was published but ticks were skipped (or the
+        engine failed), WARN when some ticks were skipped, OK otherwise."""
+        rate = self.rate(now)
+        with self._lock:
+            period_skips = self._skipped_since_report
+            period_published = self._published_since_report
+            self._skipped_since_report = collections.Counter()
+            self._published_since_report = 0
+            values = {
+                "state": "active" if active else "inactive",
+                "chunks published": str(self.published),
+                "rate [Hz]": f"{rate:.2f}",
+                "inference latency p50 [ms]": _ms(self.inference_latency.percentile(50)),
+                "inference latency p99 [ms]": _ms(self.inference_latency.percentile(99)),
+                "observation to publish p50 [ms]": _ms(self.observation_latency.percentile(50)),
+                "observation to publish p99 [ms]": _ms(self.observation_latency.percentile(99)),
+                "skipped ticks": str(sum(self.skipped.values())),
+            }
+            for reason, count in sorted(self.skipped.items()):
+                values[f"skipped: {reason}"] = str(count)
+            last_details = dict(self._last_skip_detail)
+        values.update(engine)
+        if not period_skips:
+            return HealthReport(OK, "publishing" if active else "inactive", values)
+        worst = period_skips.most_common(1)[0][0]
+        detail = last_details.get(worst, "")
+        text = f"{sum(period_skips.values())} ticks skipped, mostly '{worst}'" + (
+            f" ({detail})" if detail else "")
+        failing = "inference error" in period_skips or (active and period_published == 0)
+        return HealthReport(ERROR if failing else WARN, text, values)
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def gpu_memory(device: str) -> dict[str, str]:
+    """Allocated / reserved / free GPU memory of a CUDA device, as diagnostic values
+    (empty for CPU devices)."""
+    if not device.startswith("cuda"):
+        return {}
+    import torch  # the engine already imported it when the device is CUDA
+
+    free, total = torch.cuda.mem_get_info(device)
+    mib = 1024 ** 2
+    return {
+        "gpu memory allocated [MiB]": f"{torch.cuda.memory_allocated(device) / mib:.0f}",
+        "gpu memory reserved [MiB]": f"{torch.cuda.memory_reserved(device) / mib:.0f}",
+        "gpu memory free [MiB]": f"{free / mib:.0f} of {total / mib:.0f}",
+    }
+
+
+def diagnostic_status(report: HealthReport, *, name: str, hardware_id: str):
+    """diagnostic_msgs/DiagnosticStatus of a HealthReport."""
+    from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
+
+    status = DiagnosticStatus()
+    status.level = bytes([report.level])
+    status.name = name
+    status.message = report.message
+    status.hardware_id = hardware_id
+    status.values = [KeyValue(key=k, value=v) for k, v in report.values.items()]
+    return status
