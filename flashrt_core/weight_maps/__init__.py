@@ -1,0 +1,1 @@
+"""Checkpoint tensor names and shapes per model family (what a checkpoint must contain)."""
