@@ -1,0 +1,140 @@
+"""Run policy nodes in one process with real rclpy, no ROS tooling needed.
+
+`run_policy` is what `flashrt-ros run` calls: it starts the node, drives it
+configure -> activate, spins until SIGINT/SIGTERM, then deactivate (publishing the
+hold) -> cleanup -> shutdown. `serve` is the entry point launch files use: the node
+spins unconfigured and launch (or a lifecycle manager) drives the transitions; on a
+signal it is brought down the same way.
+
+Signals are handled here, not by rclpy: rclpy's default handler shuts the context
+down at once, and a node whose context is gone cannot publish its hold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from typing import Iterator
+
+import rclpy
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.lifecycle import TransitionCallbackReturn
+from rclpy.parameter import Parameter
+from rclpy.signals import SignalHandlerOptions
+
+from flashrt_ros.params import POLICY_NODE_NAME
+
+# At least: one inference tick, one 'busy' tick, subscriptions, services/transitions.
+MIN_EXECUTOR_THREADS = 4
+
+
+class Spinner:
+    """A MultiThreadedExecutor spinning `nodes` in a background thread."""
+
+    def __init__(self, nodes, context=None, num_threads: int | None = None):
+        threads = num_threads or max(MIN_EXECUTOR_THREADS, os.cpu_count() or 1)
+        self.executor = MultiThreadedExecutor(num_threads=threads, context=context)
+        for node in nodes:
+            self.executor.add_node(node)
+        self._thread = threading.Thread(target=self.executor.spin, name="ros-executor",
+                                        daemon=True)
+
+    def __enter__(self) -> "Spinner":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.executor.shutdown()
+        self._thread.join(timeout=10.0)
+
+
+def lifecycle_state(node) -> str:
+    """'unconfigured', 'inactive', 'active' or 'finalized'. (rclpy has no public
+    getter besides the node's own get_state service.)"""
+    return node._state_machine.current_state[1]
+
+
+def bring_up(node) -> bool:
+    """configure then activate; False (node left unconfigured) if configure fails."""
+    if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+        return False
+    return node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+
+
+def bring_down(node) -> None:
+    """From any state to finalized: deactivate (hold), cleanup, shutdown."""
+    state = lifecycle_state(node)
+    if state == "active":
+        node.trigger_deactivate()
+    if lifecycle_state(node) == "inactive":
+        node.trigger_cleanup()
+    if lifecycle_state(node) != "finalized":
+        node.trigger_shutdown()
+
+
+def wait_for(stop: threading.Event, until=lambda: False, timeout: float | None = None) -> None:
+    """Block until `stop` is set, `until()` is true or `timeout` seconds passed.
+    Short waits keep the main thread responsive to signals."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not stop.wait(0.2) and not until():
+        if deadline is not None and time.monotonic() >= deadline:
+            return
+
+
+@contextlib.contextmanager
+def ros_process(args: list[str] | None = None) -> Iterator[threading.Event]:
+    """rclpy initialised with our own SIGINT/SIGTERM handling; yields the event the
+    signals set. On exit the context is shut down and the old handlers restored."""
+    stop = threading.Event()
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        rclpy.try_shutdown()
+
+
+def run_policy(model: str, checkpoint: str, overrides: dict | None = None) -> int:
+    """One process: the policy node brought up, spun until SIGINT/SIGTERM, brought
+    down cleanly. `overrides` are parameter values already validated against
+    flashrt_ros.params. Returns the exit code (1 when configure fails)."""
+    from flashrt_ros.policy_node import PolicyNode
+
+    values = dict(overrides or {}, model=model, checkpoint=str(checkpoint))
+    with ros_process() as stop:
+        node = PolicyNode(POLICY_NODE_NAME, parameter_overrides=[
+            Parameter(name, value=value) for name, value in values.items()])
+        try:
+            with Spinner([node]):
+                if not bring_up(node):
+                    node.get_logger().error("not started: configure failed (see above)")
+                    return 1
+                wait_for(stop)
+                node.get_logger().info("stopping...")
+                bring_down(node)
+        finally:
+            node.destroy_node()
+    return 0
+
+
+def serve(args: list[str] | None = None) -> int:
+    """Spin an unconfigured policy node (ROS arguments from `args`, e.g. launch's
+    --ros-args) until SIGINT/SIGTERM, then bring it down from whatever state it is in."""
+    from flashrt_ros.policy_node import PolicyNode
+
+    with ros_process(args) as stop:
+        node = PolicyNode(POLICY_NODE_NAME)
+        try:
+            with Spinner([node]):
+                wait_for(stop, until=lambda: lifecycle_state(node) == "finalized")
+                bring_down(node)
+        finally:
+            node.destroy_node()
+    return 0
+

@@ -1,0 +1,612 @@
+"""The policy lifecycle node: cameras + joint states in, action chunks out.
+
+Interface (DESIGN.md §3; parameters in flashrt_ros/params.py):
+
+  subscriptions  <camera_topics>     sensor_msgs/Image, or CompressedImage for topics
+                                     ending in '/compressed' (sensor-data QoS)
+                 <joint_state_topic> sensor_msgs/JointState (sensor-data QoS)
+                 ~/prompt            std_msgs/String (reliable); newest of topic and
+                                     the 'prompt' parameter wins
+  publishers     ~/action_chunk      flashrt_ros/ActionChunk (reliable, depth 5)
+                 ~/joint_trajectory  trajectory_msgs/JointTrajectory (if publish_trajectory)
+                 /diagnostics        diagnostic_msgs/DiagnosticArray (while configured)
+  service        ~/predict           flashrt_ros/Predict (while configured)
+
+Lifecycle: configure loads and warms the engine and creates the interfaces (outputs
+inactive); activate starts the inference timer; deactivate stops it and publishes a
+hold; cleanup closes the engine; shutdown works from any state.
+
+Threading: subscriptions only store the newest message per stream; the inference
+tick runs in its own (reentrant) callback group so it never blocks them, and a tick
+that fires while the previous inference still runs is skipped as 'busy' instead of
+queued. The engine is used by one caller at a time (tick or ~/predict) under a lock.
+Run the node with a MultiThreadedExecutor (flashrt_ros.launcher does).
+
+Safety: a chunk with a non-finite value is never published; values are clamped to
+joint_limits_lower/upper after that check (clamping would hide an inf).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
+                                SetParametersResult)
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.clock import Clock, ClockType
+from rclpy.exceptions import ParameterUninitializedException
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.parameter import Parameter
+from rclpy.qos import (QoSDurabilityPolicy, QoSProfile, QoSReliabilityPolicy,
+                       qos_profile_sensor_data)
+from rclpy.time import Time
+
+from flashrt_ros import conversions, params
+from flashrt_ros.conversions import ConversionError
+from flashrt_ros.diagnostics import PolicyHealth, diagnostic_status, gpu_memory
+from flashrt_ros.observation import ObservationBuffer, SkippedTick
+
+# Commands: reliable, a few deep (a late subscriber does not need old chunks).
+OUTPUT_QOS = QoSProfile(depth=5, reliability=QoSReliabilityPolicy.RELIABLE,
+                        durability=QoSDurabilityPolicy.VOLATILE)
+# Volatile reliable is compatible with both volatile and transient-local publishers.
+PROMPT_QOS = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
+SKIP_LOG_PERIOD_S = 5.0       # one warning per skip reason per period
+ENGINE_WAIT_S = 30.0          # how long ~/predict and deactivate wait for a running inference
+
+_PARAMETER_TYPES = {
+    params.STRING: Parameter.Type.STRING,
+    params.INT: Parameter.Type.INTEGER,
+    params.FLOAT: Parameter.Type.DOUBLE,
+    params.BOOL: Parameter.Type.BOOL,
+    params.STRING_ARRAY: Parameter.Type.STRING_ARRAY,
+    params.FLOAT_ARRAY: Parameter.Type.DOUBLE_ARRAY,
+}
+
+
+def _descriptor(param: params.Param) -> ParameterDescriptor:
+    description = param.description
+    if param.choices:
+        description += f" One of: {', '.join(param.choices)}."
+    descriptor = ParameterDescriptor(description=description, read_only=param.read_only)
+    if param.type == params.FLOAT and param.min is not None:
+        descriptor.floating_point_range = [FloatingPointRange(
+            from_value=float(param.min), to_value=float(param.max), step=0.0)]
+    elif param.type == params.INT and param.min is not None:
+        descriptor.integer_range = [IntegerRange(
+            from_value=int(param.min), to_value=int(param.max), step=0)]
+    return descriptor
+
+
+def declare_parameters(node, table=params.POLICY_PARAMETERS) -> None:
+    """Declare every parameter of `table` on `node` with its descriptor.
+
+    rclpy infers a byte array from an empty list, so parameters whose default is an
+    empty list are declared by type: they read as "not set" until given a value, and
+    `parameter_value` returns the table's default for them.
+    """
+    for param in table:
+        default = param.default
+        if isinstance(default, list) and not default:
+            default = _PARAMETER_TYPES[param.type]
+        node.declare_parameter(param.name, default, _descriptor(param))
+
+
+def parameter_value(node, name: str):
+    """Current value of a declared table parameter, checked against the table."""
+    param = params.POLICY_PARAMETERS_BY_NAME[name]
+    try:
+        value = node.get_parameter(name).value
+    except ParameterUninitializedException:  # declared by type and never set
+        value = param.default
+    return params.check_value(param, value)
+
+
+def _stamp_ns(stamp) -> int:
+    return stamp.sec * 1_000_000_000 + stamp.nanosec
+
+
+@dataclass
+class _Engine:
+    """Everything configure creates and cleanup destroys."""
+
+    policy: object
+    spec: object
+    camera_topics: list[str]
+    joint_state_topic: str
+    joint_names: list[str]
+    action_names: list[str]
+    # Per action dimension clamp bounds (-inf/inf where no limit applies).
+    action_lower: np.ndarray
+    action_upper: np.ndarray
+    # Per joint_names entry: its column in the action array (for the trajectory).
+    trajectory_columns: list[int] | None
+    joint_lower: np.ndarray
+    joint_upper: np.ndarray
+    trajectory_velocities: bool
+    buffer: ObservationBuffer
+    subscriptions: list = field(default_factory=list)
+    service: object = None
+    diagnostics_timer: object = None
+    chunk_publisher: object = None
+    trajectory_publisher: object = None
+    diagnostics_publisher: object = None
+
+
+class ConfigurationError(ValueError):
+    """Parameters that cannot work with the loaded checkpoint (message says why)."""
+
+
+class PolicyNode(LifecycleNode):
+    """Lifecycle node running a flashrt_core policy (see the module docstring)."""
+
+    def __init__(self, node_name: str = params.POLICY_NODE_NAME, **kwargs):
+        super().__init__(node_name, **kwargs)
+        declare_parameters(self)
+        self.add_on_set_parameters_callback(self._check_parameters)
+        self.add_post_set_parameters_callback(self._parameters_changed)
+        self._engine: _Engine | None = None
+        self._engine_lock = threading.Lock()
+        self._active = False
+        self._timer = None
+        self._prompt = parameter_value(self, "prompt")
+        self._sequence = 0
+        self.health = PolicyHealth()
+        self._last_skip_log: dict[str, float] = {}
+        # Inputs only store messages; ticks and the service must be able to overlap
+        # them (and each other, to detect 'busy'): reentrant groups.
+        self._input_group = ReentrantCallbackGroup()
+        self._tick_group = ReentrantCallbackGroup()
+        self._service_group = ReentrantCallbackGroup()
+        self._diagnostics_group = MutuallyExclusiveCallbackGroup()
+
+    # ------------------------------------------------------------------ parameters
+
+    def _check_parameters(self, changed: list[Parameter]) -> SetParametersResult:
+        for parameter in changed:
+            param = params.POLICY_PARAMETERS_BY_NAME.get(parameter.name)
+            if param is None or parameter.value is None:
+                continue
+            try:
+                params.check_value(param, parameter.value)
+            except params.ParameterValueError as error:
+                return SetParametersResult(successful=False, reason=str(error))
+        return SetParametersResult(successful=True)
+
+    def _parameters_changed(self, changed: list[Parameter]) -> None:
+        for parameter in changed:
+            if parameter.name == "prompt":
+                self._prompt = parameter.value
+            elif parameter.name == "rate_hz" and self._timer is not None:
+                self._timer.timer_period_ns = int(1e9 / parameter.value)
+
+    @property
+    def prompt(self) -> str:
+        return self._prompt
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        log = self.get_logger()
+        try:
+            self._engine = self._build_engine()
+            self._create_interfaces(self._engine)
+        except Exception as error:  # noqa: BLE001 - any failure leaves us unconfigured
+            log.error(f"configure failed: {_one_line(error)}")
+            self._release_engine()
+            return TransitionCallbackReturn.FAILURE
+        spec = self._engine.spec
+        log.info(f"configured: {spec.model} on {spec.device} ({spec.precision}, "
+                 f"{spec.backend}), {spec.num_views} cameras, chunk "
+                 f"{spec.action_horizon}x{spec.action_dim}")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        rate_hz = parameter_value(self, "rate_hz")
+        self._active = True
+        self._timer = self.create_timer(1.0 / rate_hz, self._on_tick,
+                                        callback_group=self._tick_group)
+        self.get_logger().info(f"active: inference at {rate_hz:g} Hz")
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_and_hold()
+        self.get_logger().info("inactive: inference stopped")
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release_engine()
+        self.get_logger().info("cleaned up: engine released")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self._active:
+            self._stop_and_hold()
+            super().on_deactivate(state)
+        self._release_engine()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._active = False
+        self._destroy_timer()
+        self._release_engine()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _build_engine(self) -> _Engine:
+        """Load + warm the engine and check the parameters against its spec."""
+        import flashrt_core
+
+        values = {p.name: parameter_value(self, p.name) for p in params.POLICY_PARAMETERS}
+        camera_topics = values["camera_topics"]
+        joint_names = values["joint_names"]
+        if not values["checkpoint"]:
+            raise ConfigurationError("parameter 'checkpoint' is empty")
+        if not camera_topics:
+            raise ConfigurationError("parameter 'camera_topics' is empty")
+        if not joint_names:
+            raise ConfigurationError(
+                "parameter 'joint_names' is empty (name the joints that form the state)")
+        log = self.get_logger()
+        log.info(f"loading {values['model']} checkpoint {values['checkpoint']} "
+                 f"(device {values['device']}, precision {values['precision']}, "
+                 f"{len(camera_topics)} cameras)...")
+        started = time.monotonic()
+        policy = flashrt_core.load_policy(
+            values["checkpoint"], model=values["model"], device=values["device"],
+            precision=values["precision"], num_views=len(camera_topics),
+            num_steps=values["num_steps"] or None)
+        try:
+            spec = policy.spec
+            log.info(f"loaded in {time.monotonic() - started:.1f} s; warming up...")
+            engine = self._engine_for(policy, spec, values)
+            started = time.monotonic()
+            height, width = spec.image_size
+            policy.predict(images=[np.zeros((height, width, 3), np.uint8)] * spec.num_views,
+                           state=np.zeros(spec.state_dim, np.float32),
+                           prompt=values["prompt"] or "warm up", seed=0)
+            log.info(f"warm-up done in {time.monotonic() - started:.2f} s")
+            return engine
+        except BaseException:
+            policy.close()
+            raise
+
+    def _engine_for(self, policy, spec, values) -> _Engine:
+        joint_names = values["joint_names"]
+        if len(joint_names) != spec.state_dim:
+            raise ConfigurationError(
+                f"joint_names has {len(joint_names)} joints but the checkpoint's state "
+                f"has {spec.state_dim} values")
+        action_names = values["action_names"]
+        if not action_names:
+            action_names = (list(joint_names) if len(joint_names) == spec.action_dim
+                            else [f"a{i}" for i in range(spec.action_dim)])
+        if len(action_names) != spec.action_dim:
+            raise ConfigurationError(
+                f"action_names has {len(action_names)} names but the checkpoint's actions "
+                f"have {spec.action_dim} values")
+        lower, upper = values["joint_limits_lower"], values["joint_limits_upper"]
+        for name, limits in (("joint_limits_lower", lower), ("joint_limits_upper", upper)):
+            if limits and len(limits) != len(joint_names):
+                raise ConfigurationError(
+                    f"{name} has {len(limits)} values for {len(joint_names)} joint_names")
+        joint_lower = np.array(lower or [-np.inf] * len(joint_names))
+        joint_upper = np.array(upper or [np.inf] * len(joint_names))
+        if np.any(joint_lower > joint_upper):
+            raise ConfigurationError("joint_limits_lower is above joint_limits_upper")
+        columns = {name: i for i, name in enumerate(action_names)}
+        unmapped = [name for name in joint_names if name not in columns]
+        limited = (lower or upper)
+        if unmapped and (values["publish_trajectory"] or limited):
+            raise ConfigurationError(
+                f"joints {', '.join(unmapped)} are not among the action names "
+                f"({', '.join(action_names)}); the trajectory and joint limits need them "
+                "(set action_names, or publish_trajectory:=false without limits)")
+        action_lower = np.full(spec.action_dim, -np.inf)
+        action_upper = np.full(spec.action_dim, np.inf)
+        for j, name in enumerate(joint_names):
+            if name in columns:
+                action_lower[columns[name]] = joint_lower[j]
+                action_upper[columns[name]] = joint_upper[j]
+        streams = list(values["camera_topics"]) + [values["joint_state_topic"]]
+        return _Engine(
+            policy=policy, spec=spec, camera_topics=list(values["camera_topics"]),
+            joint_state_topic=values["joint_state_topic"], joint_names=list(joint_names),
+            action_names=list(action_names), action_lower=action_lower,
+            action_upper=action_upper,
+            trajectory_columns=([columns[n] for n in joint_names]
+                                if values["publish_trajectory"] else None),
+            joint_lower=joint_lower, joint_upper=joint_upper,
+            trajectory_velocities=values["trajectory_velocities"],
+            buffer=ObservationBuffer(streams))
+
+    def _create_interfaces(self, engine: _Engine) -> None:
+        from diagnostic_msgs.msg import DiagnosticArray
+        from sensor_msgs.msg import CompressedImage, Image, JointState
+        from std_msgs.msg import String
+        from trajectory_msgs.msg import JointTrajectory
+
+        from flashrt_ros.msg import ActionChunk
+        from flashrt_ros.srv import Predict
+
+        def store(stream):
+            return lambda msg: engine.buffer.put(stream, _stamp_ns(msg.header.stamp), msg)
+
+        for topic in engine.camera_topics:
+            msg_type = CompressedImage if conversions.is_compressed_topic(topic) else Image
+            engine.subscriptions.append(self.create_subscription(
+                msg_type, topic, store(topic), qos_profile_sensor_data,
+                callback_group=self._input_group))
+        engine.subscriptions.append(self.create_subscription(
+            JointState, engine.joint_state_topic, store(engine.joint_state_topic),
+            qos_profile_sensor_data, callback_group=self._input_group))
+        engine.subscriptions.append(self.create_subscription(
+            String, "~/prompt", self._on_prompt, PROMPT_QOS,
+            callback_group=self._input_group))
+        engine.service = self.create_service(
+            Predict, "~/predict", self._on_predict, callback_group=self._service_group)
+        engine.chunk_publisher = self.create_lifecycle_publisher(
+            ActionChunk, "~/action_chunk", OUTPUT_QOS)
+        if engine.trajectory_columns is not None:
+            engine.trajectory_publisher = self.create_lifecycle_publisher(
+                JointTrajectory, "~/joint_trajectory", OUTPUT_QOS)
+        # Diagnostics report while configured (also inactive), on a steady clock so
+        # they keep coming when sim time stalls.
+        engine.diagnostics_publisher = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        engine.diagnostics_timer = self.create_timer(
+            parameter_value(self, "diagnostics_period"), self._publish_diagnostics,
+            callback_group=self._diagnostics_group, clock=Clock(clock_type=ClockType.STEADY_TIME))
+
+    def _stop_and_hold(self) -> None:
+        """Stop ticking, let a running inference finish, then publish the hold."""
+        self._active = False
+        self._destroy_timer()
+        got_engine = self._engine_lock.acquire(timeout=ENGINE_WAIT_S)
+        if not got_engine:
+            self.get_logger().error(
+                f"inference still running after {ENGINE_WAIT_S:g} s; publishing the hold anyway")
+        try:
+            self._publish_hold()
+        finally:
+            if got_engine:
+                self._engine_lock.release()
+
+    def _publish_hold(self) -> None:
+        """Hold the robot where it is: a one-point trajectory to the newest measured
+        joint positions (clamped), stamped 0 ("start now"), reached after one
+        action_dt at zero velocity. That is what joint_trajectory_controller itself does
+        on cancel, and it replaces whatever is left of the last chunk."""
+        engine = self._engine
+        if engine is None or engine.trajectory_publisher is None:
+            return
+        sample = engine.buffer.latest(engine.joint_state_topic)
+        if sample is None:
+            self.get_logger().warning("no joint state received: no hold published")
+            return
+        try:
+            positions = conversions.joint_positions(sample.message, engine.joint_names)
+        except ConversionError as error:
+            self.get_logger().warning(f"newest joint state unusable ({error}): no hold published")
+            return
+        positions = np.clip(positions, engine.joint_lower, engine.joint_upper)
+        from std_msgs.msg import Header
+
+        hold = conversions.build_joint_trajectory(
+            positions[None, :], header=Header(frame_id=parameter_value(self, "frame_id")),
+            joint_names=engine.joint_names, step_dt=parameter_value(self, "action_dt"),
+            with_velocities=True)
+        engine.trajectory_publisher.publish(hold)
+        self.get_logger().info("hold published at the current joint positions")
+
+    def _destroy_timer(self) -> None:
+        if self._timer is not None:
+            self.destroy_timer(self._timer)
+            self._timer = None
+
+    def _release_engine(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        for subscription in engine.subscriptions:
+            self.destroy_subscription(subscription)
+        if engine.service is not None:
+            self.destroy_service(engine.service)
+        if engine.diagnostics_timer is not None:
+            self.destroy_timer(engine.diagnostics_timer)
+        for publisher in (engine.chunk_publisher, engine.trajectory_publisher):
+            if publisher is not None:
+                self.destroy_lifecycle_publisher(publisher)
+        if engine.diagnostics_publisher is not None:
+            self.destroy_publisher(engine.diagnostics_publisher)
+        with self._engine_lock:
+            engine.policy.close()
+
+    # ------------------------------------------------------------------ inputs
+
+    def _on_prompt(self, msg) -> None:
+        self._prompt = msg.data
+        self.get_logger().info(f"prompt: {msg.data!r}")
+
+    # ------------------------------------------------------------------ inference
+
+    def _on_tick(self) -> None:
+        if not self._engine_lock.acquire(blocking=False):
+            self._record_skip(SkippedTick("busy", "previous inference still running"))
+            return
+        try:
+            engine = self._engine
+            if engine is None or not self._active:
+                return
+            now_ns = self.get_clock().now().nanoseconds
+            observation = engine.buffer.snapshot(
+                now_ns, parameter_value(self, "max_observation_age"),
+                parameter_value(self, "max_observation_skew"))
+            samples = observation.samples
+            actions, inference_s = self._infer(
+                engine, [samples[t].message for t in engine.camera_topics],
+                samples[engine.joint_state_topic].message, self._prompt)
+            if self._active:
+                self._publish(engine, actions, observation.stamp_ns, inference_s,
+                              observation.age_s)
+        except SkippedTick as skipped:
+            self._record_skip(skipped)
+        finally:
+            self._engine_lock.release()
+
+    def _infer(self, engine: _Engine, camera_messages, joint_message, prompt: str):
+        """Run the engine on raw messages; returns (clamped actions, seconds) or raises
+        SkippedTick. The caller holds the engine lock."""
+        from flashrt_core.errors import PromptError
+
+        images = []
+        for topic, msg in zip(engine.camera_topics, camera_messages):
+            try:
+                images.append(conversions.camera_message_to_rgb(msg))
+            except ConversionError as error:
+                raise SkippedTick(f"bad image {topic}", str(error)) from None
+        try:
+            state = conversions.joint_positions(joint_message, engine.joint_names)
+        except ConversionError as error:
+            raise SkippedTick("bad joint state", str(error)) from None
+        seed = parameter_value(self, "noise_seed")
+        started = time.monotonic()
+        try:
+            result = engine.policy.predict(images=images, state=state, prompt=prompt,
+                                           seed=None if seed < 0 else seed)
+        except PromptError as error:
+            reason = "bad prompt" if prompt.strip() else "empty prompt"
+            raise SkippedTick(reason, str(error)) from None
+        except Exception as error:  # noqa: BLE001 - an engine failure must not kill the node
+            raise SkippedTick("inference error", _one_line(error)) from None
+        inference_s = time.monotonic() - started
+        actions = np.asarray(result.actions, dtype=np.float32)
+        if not np.isfinite(actions).all():
+            bad = int(np.size(actions) - np.isfinite(actions).sum())
+            raise SkippedTick("non-finite actions", f"{bad} of {actions.size} values")
+        return np.clip(actions, engine.action_lower, engine.action_upper), inference_s
+
+    def _header(self, stamp_ns: int):
+        from std_msgs.msg import Header
+
+        return Header(stamp=Time(nanoseconds=stamp_ns).to_msg(),
+                      frame_id=parameter_value(self, "frame_id"))
+
+    def _chunk(self, engine: _Engine, actions, stamp_ns, inference_s, age_s, sequence):
+        return conversions.build_action_chunk(
+            actions, header=self._header(stamp_ns), model=engine.spec.model,
+            names=engine.action_names, step_dt=parameter_value(self, "action_dt"),
+            sequence=sequence, inference_time=inference_s, observation_age=age_s)
+
+    def _publish(self, engine: _Engine, actions, stamp_ns, inference_s, age_s) -> None:
+        engine.chunk_publisher.publish(
+            self._chunk(engine, actions, stamp_ns, inference_s, age_s, self._sequence))
+        self._sequence += 1
+        if engine.trajectory_publisher is not None:
+            engine.trajectory_publisher.publish(conversions.build_joint_trajectory(
+                actions[:, engine.trajectory_columns], header=self._header(stamp_ns),
+                joint_names=engine.joint_names, step_dt=parameter_value(self, "action_dt"),
+                with_velocities=engine.trajectory_velocities))
+        published_ns = self.get_clock().now().nanoseconds
+        self.health.record_published(inference_s, (published_ns - stamp_ns) * 1e-9)
+
+    def _record_skip(self, skipped: SkippedTick) -> None:
+        self.health.record_skipped(skipped.reason, skipped.detail)
+        now = time.monotonic()
+        if now - self._last_skip_log.get(skipped.reason, -np.inf) >= SKIP_LOG_PERIOD_S:
+            self._last_skip_log[skipped.reason] = now
+            self.get_logger().warning(f"tick skipped: {skipped}")
+
+    # ------------------------------------------------------------------ ~/predict
+
+    def _on_predict(self, request, response):
+        engine = self._engine
+        if engine is None:
+            response.success = False
+            response.message = "node is not configured"
+            return response
+        try:
+            camera_messages = self._request_images(engine, request)
+            joint_message = request.joint_state
+            if not joint_message.name:
+                joint_message = self._newest(engine, engine.joint_state_topic)
+            prompt = request.prompt or self._prompt
+            if not self._engine_lock.acquire(timeout=ENGINE_WAIT_S):
+                raise SkippedTick("busy", f"engine still busy after {ENGINE_WAIT_S:g} s")
+            try:
+                if self._engine is not engine:
+                    raise SkippedTick("inference error", "engine released during the request")
+                actions, inference_s = self._infer(engine, camera_messages, joint_message, prompt)
+            finally:
+                self._engine_lock.release()
+        except SkippedTick as failed:
+            response.success = False
+            response.message = str(failed)
+            return response
+        now_ns = self.get_clock().now().nanoseconds
+        stamp_ns = max(_stamp_ns(m.header.stamp) for m in [*camera_messages, joint_message])
+        stamp_ns = stamp_ns or now_ns  # unstamped request: observation time is now
+        response.chunk = self._chunk(engine, actions, stamp_ns, inference_s,
+                                     max(0.0, (now_ns - stamp_ns) * 1e-9), sequence=0)
+        response.success = True
+        return response
+
+    def _request_images(self, engine: _Engine, request) -> list:
+        if request.images and request.compressed_images:
+            raise SkippedTick("bad request", "give images or compressed_images, not both")
+        given = list(request.images) or list(request.compressed_images)
+        if not given:
+            return [self._newest(engine, topic) for topic in engine.camera_topics]
+        if len(given) != len(engine.camera_topics):
+            raise SkippedTick(
+                "bad request", f"expected {len(engine.camera_topics)} images (one per "
+                f"camera_topics entry), got {len(given)}")
+        return given
+
+    @staticmethod
+    def _newest(engine: _Engine, stream: str):
+        sample = engine.buffer.latest(stream)
+        if sample is None:
+            raise SkippedTick(f"missing {stream}", "no message received yet")
+        return sample.message
+
+    # ------------------------------------------------------------------ diagnostics
+
+    def _publish_diagnostics(self) -> None:
+        engine = self._engine
+        if engine is None:
+            return
+        from diagnostic_msgs.msg import DiagnosticArray
+
+        spec = engine.spec
+        values = {"model": spec.model, "device": spec.device, "precision": spec.precision,
+                  "backend": spec.backend, "prompt": self._prompt}
+        try:
+            values.update(gpu_memory(spec.device))
+        except Exception as error:  # noqa: BLE001 - diagnostics must not take the node down
+            values["gpu memory"] = f"unavailable: {_one_line(error)}"
+        report = self.health.report(active=self._active, engine=values)
+        array = DiagnosticArray()
+        array.header.stamp = self.get_clock().now().to_msg()
+        array.status = [diagnostic_status(
+            report, name=f"{self.get_fully_qualified_name()}: policy",
+            hardware_id=spec.device)]
+        engine.diagnostics_publisher.publish(array)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def main(args: list[str] | None = None) -> int:
+    """Spin the node unconfigured (a lifecycle manager or launch drives it); the entry
+    point launch files run. Returns the process exit code."""
+    from flashrt_ros import launcher
+
+    return launcher.serve(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""Policy node over real rclpy + DDS with the real engine on a tiny checkpoint:
+data flow, message content, joint-limit clamp, diagnostics, every lifecycle transition."""
+
+import shutil
+
+import numpy as np
+import pytest
+from policy_harness import (  # noqa: F401 - fixtures
+    CAMERAS, joint_names, make_graph, tiny_checkpoint, tiny_spec, wait_until)
+from rclpy.lifecycle import TransitionCallbackReturn
+
+from flashrt_ros.launcher import lifecycle_state
+
+pytestmark = pytest.mark.ros
+
+SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
+
+
+def stamp_ns(stamp) -> int:
+    return stamp.sec * 1_000_000_000 + stamp.nanosec
+
+
+def seconds(duration) -> float:
+    return duration.sec + duration.nanosec * 1e-9
+
+
+def activate(graph):
+    assert graph.policy.trigger_configure() == SUCCESS
+    assert graph.policy.trigger_activate() == SUCCESS
+
+
+def test_cameras_and_joints_in_chunks_and_trajectories_out(make_graph, tiny_spec, joint_names):
+    graph = make_graph(parameters={"action_dt": 0.04, "trajectory_velocities": True})
+    activate(graph)
+    assert wait_until(lambda: len(graph.recorder.snapshot().trajectories) >= 6, timeout=20)
+    got = graph.recorder.snapshot()
+    horizon, action_dim = tiny_spec.action_horizon, tiny_spec.action_dim
+    expected_names = (joint_names if action_dim == len(joint_names)
+                      else [f"a{i}" for i in range(action_dim)])
+    sequences = [c.sequence for c in got.chunks]
+    assert sequences == list(range(sequences[0], sequences[0] + len(sequences)))
+    by_stamp = {stamp_ns(c.header.stamp): c for c in got.chunks}
+    for chunk in got.chunks:
+        assert (chunk.model, chunk.horizon, chunk.action_dim) == ("pi05", horizon, action_dim)
+        assert list(chunk.names) == expected_names
+        assert len(chunk.data) == horizon * action_dim and np.isfinite(chunk.data).all()
+        assert chunk.step_dt == pytest.approx(0.04)
+        assert chunk.inference_time > 0 and chunk.observation_age >= 0
+        # The observation time is the stamp of an input the robot really sent.
+        assert stamp_ns(chunk.header.stamp) in graph.robot.published_stamps
+    for trajectory in got.trajectories:
+        assert list(trajectory.joint_names) == joint_names
+        times = [seconds(p.time_from_start) for p in trajectory.points]
+        np.testing.assert_allclose(times, 0.04 * np.arange(1, horizon + 1), atol=1e-9)
+        assert all(b > a for a, b in zip(times, times[1:]))
+        chunk = by_stamp.get(stamp_ns(trajectory.header.stamp))
+        if chunk is None:  # its chunk was sent before the recorder matched
+            continue
+        actions = np.asarray(chunk.data).reshape(horizon, action_dim)
+        columns = [expected_names.index(name) for name in joint_names]
+        positions = np.array([p.positions for p in trajectory.points])
+        np.testing.assert_allclose(positions, actions[:, columns], rtol=1e-6)
+        velocities = np.array([p.velocities for p in trajectory.points])
+        np.testing.assert_allclose(velocities[:-1], np.gradient(positions, 0.04, axis=0)[:-1],
+                                   rtol=1e-5, atol=1e-6)
+        assert not velocities[-1].any()
+
+
+def test_joint_limits_clamp_every_published_value(make_graph, joint_names):
+    n = len(joint_names)
+    graph = make_graph(parameters={"joint_limits_lower": [-0.01] * n,
+                                   "joint_limits_upper": [0.02] * n})
+    activate(graph)
+    assert wait_until(lambda: len(graph.recorder.snapshot().trajectories) >= 3, timeout=20)
+    got = graph.recorder.snapshot()
+    positions = np.array([p.positions for t in got.trajectories for p in t.points])
+    assert positions.min() >= -0.01 - 1e-9 and positions.max() <= 0.02 + 1e-9
+    # Random weights give actions well outside +-0.02: the clamp is what holds them.
+    assert np.isclose(positions, -0.01).any() or np.isclose(positions, 0.02).any()
+    data = np.concatenate([np.asarray(c.data) for c in got.chunks])
+    assert data.min() >= -0.01 - 1e-6 and data.max() <= 0.02 + 1e-6
+
+
+def test_lifecycle_failing_configure_then_every_transition(make_graph, tmp_path, tiny_checkpoint):
+    checkpoint = tmp_path / "arrives_later"
+    graph = make_graph(checkpoint=checkpoint)
+    node, recorder = graph.policy, graph.recorder
+    # Missing checkpoint: configure fails, the node stays unconfigured and alive.
+    assert node.trigger_configure() == FAILURE
+    assert lifecycle_state(node) == "unconfigured"
+    # Malformed checkpoint (every file truncated): fails the same way.
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    for path in checkpoint.rglob("*.safetensors"):
+        path.write_bytes(path.read_bytes()[:100])
+    assert node.trigger_configure() == FAILURE
+    assert lifecycle_state(node) == "unconfigured"
+    assert all("predict" not in name for name, _ in node.get_service_names_and_types_by_node(
+        node.get_name(), node.get_namespace()))
+    # A good checkpoint at the same path: configure succeeds.
+    shutil.rmtree(checkpoint)
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    assert node.trigger_configure() == SUCCESS
+    assert lifecycle_state(node) == "inactive"
+    assert not recorder.snapshot().chunks            # publishers stay off until activate
+    assert node.trigger_activate() == SUCCESS
+    assert wait_until(lambda: len(recorder.snapshot().chunks) >= 3, timeout=20)
+
+    # Deactivate: inference stops and the last trajectory is a hold at the measured joints.
+    assert node.trigger_deactivate() == SUCCESS
+    assert wait_until(lambda: len(recorder.snapshot().trajectories[-1].points) == 1, timeout=5)
+    hold = recorder.snapshot().trajectories[-1]
+    assert stamp_ns(hold.header.stamp) == 0  # "start now"
+    np.testing.assert_allclose(hold.points[0].positions, graph.robot.positions, atol=1e-6)
+    assert not any(hold.points[0].velocities)
+    count = len(recorder.snapshot().chunks)
+    assert not wait_until(lambda: len(recorder.snapshot().chunks) > count, timeout=0.6)
+
+    # Activate again, then shut down from active: hold, then finalized.
+    assert node.trigger_activate() == SUCCESS
+    assert wait_until(lambda: len(recorder.snapshot().chunks) > count, timeout=20)
+    assert node.trigger_deactivate() == SUCCESS
+    assert node.trigger_cleanup() == SUCCESS
+    assert lifecycle_state(node) == "unconfigured" and node._engine is None
+    assert node.trigger_configure() == SUCCESS
+    assert node.trigger_activate() == SUCCESS
+    recorder.clear()
+    assert node.trigger_shutdown() == SUCCESS
+    assert lifecycle_state(node) == "finalized"
+    assert wait_until(lambda: any(len(t.points) == 1 for t in recorder.snapshot().trajectories),
+                      timeout=5)
+    assert node._engine is None
+
+
+@pytest.mark.parametrize("state", ["unconfigured", "inactive"])
+def test_shutdown_from_unconfigured_and_inactive(make_graph, state):
+    graph = make_graph()
+    if state == "inactive":
+        assert graph.policy.trigger_configure() == SUCCESS
+    assert graph.policy.trigger_shutdown() == SUCCESS
+    assert lifecycle_state(graph.policy) == "finalized" and graph.policy._engine is None
+
+
+def test_diagnostics_report_rate_latency_and_skips(make_graph):
+    graph = make_graph()
+    activate(graph)
+
+    def newest_status():
+        diagnostics = graph.recorder.snapshot().diagnostics
+        return diagnostics[-1].status[0] if diagnostics else None
+
+    def status_where(predicate):
+        status = newest_status()
+        return status is not None and predicate(status)
+
+    assert wait_until(lambda: status_where(lambda s: s.level == b"\x00"
+                                           and float(dict(kv(s))["rate [Hz]"]) > 0), timeout=20)
+    values = dict(kv(newest_status()))
+    assert newest_status().name == "/flashrt_policy: policy"
+    for key in ("inference latency p50 [ms]", "inference latency p99 [ms]",
+                "observation to publish p50 [ms]", "observation to publish p99 [ms]"):
+        assert float(values[key]) > 0
+    assert values["device"] == "cpu" and values["model"] == "pi05"
+    # Starve one camera: the report turns to ERROR (nothing published) and names it.
+    graph.robot.paused.add(CAMERAS[0])
+    assert wait_until(lambda: status_where(
+        lambda s: s.level == b"\x02" and f"stale {CAMERAS[0]}" in s.message), timeout=10)
+    assert int(dict(kv(newest_status()))[f"skipped: stale {CAMERAS[0]}"]) > 0
+
+
+def kv(status):
+    return [(v.key, v.value) for v in status.values]
