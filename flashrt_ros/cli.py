@@ -1,0 +1,311 @@
+"""The `flashrt-ros` command: run | demo | bench | doctor.
+
+`run` validates everything it is given (model, checkpoint directory, params YAML,
+--set overrides) before any ROS machinery starts, so a typo costs one line on stderr
+and exit code 2, not a traceback from deep inside a node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from flashrt_ros.params import (BOOL, POLICY_NODE_NAME, POLICY_PARAMETERS_BY_NAME,
+                                SUPPORTED_POLICY_MODELS, Param, ParameterValueError,
+                                validate_overrides)
+
+PROG = "flashrt-ros"
+EXIT_BAD_INPUT = 2
+EXIT_FAILURE = 1
+
+# rclpy declares use_sim_time on every node; a params file may set it.
+USE_SIM_TIME = Param("use_sim_time", BOOL, False, "Use /clock instead of the system clock.")
+RUN_PARAMETERS = {**POLICY_PARAMETERS_BY_NAME, USE_SIM_TIME.name: USE_SIM_TIME}
+
+
+class UsageError(Exception):
+    """Bad input on the command line or in a file it names (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (no usage dump) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see '{self.prog} --help')", EXIT_BAD_INPUT)
+
+
+def fail(message: str, code: int) -> NoReturn:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+# --- params files ------------------------------------------------------------------
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """ROS nests parameter names in YAML (`a: {b: 1}` is parameter `a.b`)."""
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _section_applies(key: str, node_name: str) -> bool:
+    """Whether a top-level key of a ROS params file addresses `node_name`
+    (`/**`, `node`, `/node`, `/ns/node`, `/**/node`)."""
+    return key == "/**" or key.lstrip("/") == node_name or key.endswith("/" + node_name)
+
+
+def load_params_file(path: str | os.PathLike, node_name: str = POLICY_NODE_NAME) -> dict[str, Any]:
+    """Parameter values for `node_name` from a ROS params YAML
+    (`<node or /**>: {ros__parameters: {...}}`), wildcard sections first, so the
+    node's own section wins. Raises UsageError naming the file and the problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read params file {path}: {exc.strerror}") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UsageError(f"params file {path} is not valid YAML{where}: {problem}") from None
+    if not isinstance(document, dict):
+        raise UsageError(f"params file {path} must map node names to "
+                         "{ros__parameters: {...}}")
+    sections = [key for key in document if _section_applies(str(key), node_name)]
+    if not sections:
+        found = ", ".join(str(k) for k in document) or "nothing"
+        raise UsageError(f"params file {path} has no section for node '{node_name}' "
+                         f"(found: {found})")
+    values: dict[str, Any] = {}
+    for key in sorted(sections, key=lambda k: str(k) != "/**"):
+        section = document[key]
+        if not isinstance(section, dict) or not isinstance(section.get("ros__parameters"), dict):
+            raise UsageError(f"params file {path}: section '{key}' must contain "
+                             "'ros__parameters:' with a mapping of parameters")
+        values.update(_flatten(section["ros__parameters"]))
+    return values
+
+
+def parse_set_option(text: str) -> tuple[str, Any]:
+    """`name=value` with the value read as YAML (as `ros2 param set` does)."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name:
+        raise UsageError(f"--set expects name=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        raise UsageError(f"--set {name}: cannot parse value {raw!r}") from None
+    return name.strip(), value
+
+
+# --- subcommands -------------------------------------------------------------------
+
+def _import(module: str, what: str):
+    """Import a module a subcommand delegates to, or fail with one line."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        missing = getattr(exc, "name", None)
+        if missing and module.startswith(missing):
+            fail(f"{what} is not available in this build ({module} is missing)", EXIT_FAILURE)
+        fail(f"{what} cannot start: {exc}", EXIT_FAILURE)
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[str, Path, dict[str, Any]]:
+    """Validate `run`'s inputs; return (model, checkpoint, other parameter values)."""
+    if args.model not in SUPPORTED_POLICY_MODELS:
+        raise UsageError(f"unsupported model '{args.model}' "
+                         f"(supported: {', '.join(SUPPORTED_POLICY_MODELS)})")
+    values: dict[str, Any] = {}
+    if args.params:
+        values.update(load_params_file(args.params))
+    for item in args.set:
+        name, value = parse_set_option(item)
+        values[name] = value
+    try:
+        values = validate_overrides(values, RUN_PARAMETERS)
+    except ParameterValueError as exc:
+        raise UsageError(str(exc)) from None
+    file_model = values.pop("model", args.model)
+    if file_model != args.model:
+        raise UsageError(f"the params say model '{file_model}' but the command says "
+                         f"'{args.model}'")
+    checkpoint = args.checkpoint or values.get("checkpoint")
+    values.pop("checkpoint", None)
+    if not checkpoint:
+        raise UsageError("no checkpoint: pass --checkpoint PATH (or set 'checkpoint' "
+                         "in the params file)")
+    checkpoint = Path(checkpoint).expanduser()
+    if not checkpoint.exists():
+        raise UsageError(f"checkpoint directory {checkpoint} does not exist")
+    if not checkpoint.is_dir():
+        raise UsageError(f"checkpoint {checkpoint} is not a directory")
+    return args.model, checkpoint.resolve(), values
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    model, checkpoint, values = resolve_run(args)
+    if args.check:
+        print(f"{PROG}: {model} on {checkpoint}: {len(values)} parameter(s) OK")
+        return 0
+    launcher = _import("flashrt_ros.launcher", "the policy runner")
+    return launcher.run_policy(model, str(checkpoint), values)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.duration <= 0:
+        raise UsageError(f"--duration must be > 0, got {args.duration}")
+    if args.model not in SUPPORTED_POLICY_MODELS:
+        raise UsageError(f"unsupported model '{args.model}' "
+                         f"(supported: {', '.join(SUPPORTED_POLICY_MODELS)})")
+    demo = _import("flashrt_ros.demo", "the demo")
+    return demo.main(duration=args.duration, model=args.model)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    bench = _import("flashrt_core.bench", "the benchmark")
+    return bench.main(args.bench_args)
+
+
+def _version_of(*distributions: str) -> str | None:
+    from importlib import metadata
+    for name in distributions:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _doctor_torch() -> list[tuple[str, str]]:
+    try:
+        import torch
+    except ImportError as exc:
+        return [("torch", f"not importable ({exc})"), ("gpu", "unknown (no torch)")]
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU build"
+    lines = [("torch", f"{torch.__version__} ({build})")]
+    if not torch.cuda.is_available():
+        return lines + [("gpu", "no CUDA device")]
+    for index in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(index)
+        lines.append((f"gpu {index}", f"{torch.cuda.get_device_name(index)}, "
+                                      f"compute capability {major}.{minor}"))
+    return lines
+
+
+def _doctor_kernels() -> str:
+    if os.environ.get("FLASHRT_DISABLE_KERNELS") == "1":
+        return "disabled (FLASHRT_DISABLE_KERNELS=1): PyTorch twins"
+    try:
+        from flashrt_core import kernels
+    except ImportError:
+        try:
+            module = importlib.import_module("flashrt_core._kernels")
+        except ImportError as exc:
+            return f"not built ({exc}): PyTorch twins"
+        return f"built ({module.__file__})"
+    if kernels.available():
+        archs = ", ".join(f"sm_{a}" for a in kernels.compiled_archs())
+        return f"built ({archs})"
+    return f"not available: {kernels.unavailable_reason()}; PyTorch twins"
+
+
+def _doctor_ros() -> list[tuple[str, str]]:
+    distro = os.environ.get("ROS_DISTRO", "unknown (ROS_DISTRO not set)")
+    try:
+        import rclpy
+        from rclpy.utilities import get_rmw_implementation_identifier
+    except ImportError as exc:
+        return [("ros distro", distro), ("rclpy", f"not importable ({exc})"),
+                ("rmw", "unknown")]
+    version = _version_of("rclpy", "ros-jazzy-rclpy") or "version unknown"
+    try:
+        rmw = get_rmw_implementation_identifier()
+    except Exception as exc:  # the RMW library itself failed to load
+        rmw = f"failed to load ({exc})"
+    return [("ros distro", distro),
+            ("rclpy", f"{version} ({Path(rclpy.__file__).parent})"),
+            ("rmw", rmw)]
+
+
+def doctor_report() -> list[tuple[str, str]]:
+    """(label, value) lines describing this machine for bug reports."""
+    lines = [("python", f"{platform.python_version()} ({sys.executable})")]
+    lines += _doctor_torch()
+    lines.append(("cuda kernels", _doctor_kernels()))
+    lines += _doctor_ros()
+    return lines
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    for label, value in doctor_report():
+        print(f"{label + ':':<15}{value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Realtime VLA policies as ROS 2 nodes.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_Parser)
+
+    run = sub.add_parser(
+        "run", help="start a policy node in this process and drive it to active",
+        description="Start the policy node in this process (no ROS tooling needed), "
+                    "configure and activate it, run until Ctrl-C.")
+    run.add_argument("model", help=f"policy model ({', '.join(SUPPORTED_POLICY_MODELS)})")
+    run.add_argument("--checkpoint", metavar="PATH", help="checkpoint directory")
+    run.add_argument("--params", metavar="YAML",
+                     help=f"ROS params file (section '{POLICY_NODE_NAME}' or '/**', "
+                          "key ros__parameters)")
+    run.add_argument("--set", metavar="NAME=VALUE", action="append", default=[],
+                     help="override one parameter (repeatable); wins over --params")
+    run.add_argument("--check", action="store_true",
+                     help="only validate the arguments and params file, then exit")
+    run.set_defaults(handler=cmd_run)
+
+    demo = sub.add_parser(
+        "demo", help="the policy node on the built-in demo checkpoint with a synthetic robot",
+        description="Run the policy node on the demo checkpoint, fed by a synthetic "
+                    "camera + joint-state publisher; print action chunks and a summary.")
+    demo.add_argument("--duration", type=float, default=10.0, metavar="S",
+                      help="seconds to run (default 10; Ctrl-C ends it early)")
+    demo.add_argument("--model", default="pi05",
+                      help=f"policy model ({', '.join(SUPPORTED_POLICY_MODELS)}; default pi05)")
+    demo.set_defaults(handler=cmd_demo)
+
+    bench = sub.add_parser("bench", help="engine benchmarks (arguments go to the benchmark)",
+                           add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(handler=cmd_bench)
+
+    doctor = sub.add_parser("doctor", help="print GPU, CUDA extension, torch and ROS versions")
+    doctor.set_defaults(handler=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except UsageError as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

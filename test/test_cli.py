@@ -1,0 +1,127 @@
+"""The installed `flashrt-ros` command, run as a user runs it (a subprocess)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flashrt_ros import cli
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+
+
+def flashrt_ros(command: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([command, *map(str, args)], capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.fixture
+def checkpoint_dir(tmp_path) -> Path:
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    return path
+
+
+def params_file(tmp_path, body: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text("flashrt_policy:\n  ros__parameters:\n" +
+                    "".join(f"    {line}\n" for line in body.splitlines()))
+    return path
+
+
+def run_with_params(body: str, model: str = "pi05"):
+    """Arguments of `run MODEL --checkpoint DIR --params FILE` with `body` as the params."""
+    return lambda d, t: ["run", model, "--checkpoint", d, "--params", params_file(t, body)]
+
+
+BAD_INPUTS = {
+    "unsupported model": (lambda d, t: ["run", "groot_n99", "--checkpoint", d],
+                          "unsupported model 'groot_n99'"),
+    "missing checkpoint": (lambda d, t: ["run", "pi05", "--checkpoint", d / "absent"],
+                           "does not exist"),
+    "checkpoint is a file": (lambda d, t: ["run", "pi05", "--checkpoint", t / "f.txt"],
+                             "is not a directory"),
+    "no checkpoint": (lambda d, t: ["run", "pi05"], "no checkpoint"),
+    "unknown key in params": (run_with_params("rate_hz: 20.0\nrate: 10.0"),
+                              "unknown parameter 'rate'"),
+    "wrong type in params": (run_with_params("camera_topics: cam/image_raw"),
+                             "parameter 'camera_topics' must be a list of strings"),
+    "out of range in params": (run_with_params("rate_hz: 0.0"),
+                               "parameter 'rate_hz' must be >="),
+    "unreadable YAML": (run_with_params("joint_names: [a, b"), "not valid YAML"),
+    "params file missing": (
+        lambda d, t: ["run", "pi05", "--checkpoint", d, "--params", t / "none.yaml"],
+        "cannot read params file"),
+    "params model differs": (run_with_params("model: pi05", model="pi0"),
+                             "model 'pi05' but the command says 'pi0'"),
+    "--set without '='": (lambda d, t: ["run", "pi05", "--checkpoint", d, "--set", "rate_hz"],
+                          "--set expects name=value"),
+    "--set wrong type": (
+        lambda d, t: ["run", "pi05", "--checkpoint", d, "--set", "num_steps=many"],
+        "parameter 'num_steps' must be an integer"),
+    "unknown subcommand": (lambda d, t: ["fly"], "invalid choice: 'fly'"),
+    "demo duration": (lambda d, t: ["demo", "--duration", "0"], "--duration must be > 0"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_2(case, flashrt_ros_command, checkpoint_dir, tmp_path):
+    (tmp_path / "f.txt").write_text("not a checkpoint")
+    make_args, expected = BAD_INPUTS[case]
+    result = flashrt_ros(flashrt_ros_command, *make_args(checkpoint_dir, tmp_path))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("flashrt-ros: error: ")
+    assert expected in lines[0]
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_run_check_accepts_shipped_config(path, flashrt_ros_command, checkpoint_dir):
+    result = flashrt_ros(flashrt_ros_command, "run", path.stem, "--checkpoint", checkpoint_dir,
+                         "--params", path, "--set", "rate_hz=15", "--check")
+    assert result.returncode == 0, result.stderr
+    assert f"{path.stem} on {checkpoint_dir}" in result.stdout
+
+
+def test_set_wins_over_params_file(checkpoint_dir, tmp_path):
+    args = cli.build_parser().parse_args(
+        ["run", "pi05", "--checkpoint", str(checkpoint_dir),
+         "--params", str(params_file(tmp_path, "rate_hz: 5.0\nprompt: from file")),
+         "--set", "rate_hz=40", "--set", "use_sim_time=true"])
+    model, checkpoint, values = cli.resolve_run(args)
+    assert (model, checkpoint) == ("pi05", checkpoint_dir.resolve())
+    assert values == {"rate_hz": 40.0, "prompt": "from file", "use_sim_time": True}
+
+
+def test_missing_delegate_module_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli._import("flashrt_ros.no_such_module", "the thing")
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["flashrt-ros: error: the thing is not available in this build "
+                   "(flashrt_ros.no_such_module is missing)"]
+
+
+def test_doctor_prints_every_section(flashrt_ros_command):
+    result = flashrt_ros(flashrt_ros_command, "doctor")
+    assert result.returncode == 0, result.stderr
+    labels = {line.split(":", 1)[0] for line in result.stdout.splitlines()}
+    assert {"python", "torch", "cuda kernels", "ros distro", "rclpy", "rmw"} <= labels
+    assert "gpu" in labels or any(label.startswith("gpu ") for label in labels)
+    assert f"{sys.version_info.major}.{sys.version_info.minor}" in result.stdout
+    if "gpu:" in result.stdout:
+        assert "no CUDA device" in result.stdout
+    else:
+        assert "compute capability" in result.stdout
+
+
+def test_help_lists_the_subcommands(flashrt_ros_command):
+    result = flashrt_ros(flashrt_ros_command, "--help")
+    assert result.returncode == 0
+    for name in ("run", "demo", "bench", "doctor"):
+        assert name in result.stdout
