@@ -33,7 +33,7 @@ struct Layout {
   int64_t rows;    // T * G query rows per kv head
   int64_t tiles;   // ceil(rows / kRowsPerTile)
   int64_t splits;  // ceil(keys / kKeysPerBlock)
-  int64_t partial_stride;  // floats per partial row: head_dim + 2 (m, l)
+  int64_t partial_stride;  // floats per partial row: head_dim outputs, m, l, 2 pad (float4 rows)
 };
 
 __host__ __device__ inline Layout make_layout(int64_t tokens, int64_t num_q_heads, int64_t num_kv_heads,
@@ -42,12 +42,12 @@ __host__ __device__ inline Layout make_layout(int64_t tokens, int64_t num_q_head
   l.rows = tokens * (num_q_heads / num_kv_heads);
   l.tiles = (l.rows + kRowsPerTile - 1) / kRowsPerTile;
   l.splits = (keys + kKeysPerBlock - 1) / kKeysPerBlock;
-  l.partial_stride = head_dim + 2;
+  l.partial_stride = head_dim + 4;
   return l;
 }
 
 // Workspace: [kv_heads * tiles] ticket counters (as uint32, padded to 4 floats), then
-// partials [kv_heads][tiles][splits][kRowsPerTile][head_dim + 2].
+// partials [kv_heads][tiles][splits][kRowsPerTile][head_dim + 4].
 __host__ __device__ inline int64_t ticket_floats(int64_t num_kv_heads, const Layout& l) {
   return ((num_kv_heads * l.tiles + 3) / 4) * 4;
 }

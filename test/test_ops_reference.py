@@ -5,6 +5,8 @@ written here, plus in-place / out= semantics, FP8 rounding, dispatch and errors.
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -471,6 +473,14 @@ def test_bad_input_raises_value_error_naming_the_op(op, call, message):
 
 
 # --- the extension, where it is built (no GPU needed) ------------------------------------------
+
+
+def test_python_dtype_codes_mirror_the_header():
+    header = (Path(__file__).resolve().parent.parent / "cuda_src" / "dtype_codes.h").read_text()
+    codes = {name: int(value) for name, value in re.findall(r"\bk(\w+) = (\d+),", header)}
+    names = {"Float32": "FLOAT32", "BFloat16": "BFLOAT16", "Float16": "FLOAT16", "Float8E4M3": "FLOAT8_E4M3",
+             "UInt8": "UINT8", "Int32": "INT32"}
+    assert {names[k]: v for k, v in codes.items()} == {d.name: int(d) for d in kernels.DType}
 
 
 def test_extension_reports_consistent_metadata():
