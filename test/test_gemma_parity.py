@@ -7,7 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from flashrt_core.models.gemma import (  # noqa: E402
-    MASKED_LOGIT, AdaRMSNorm, GemmaConfig, GemmaDecoder, RMSNorm, rope_tables)
+    MASKED_LOGIT, AdaRMSNorm, GemmaConfig, GemmaDecoder, RMSNorm, attention_bias, rope_tables)
 from flashrt_core.models.pi0 import make_attn_mask  # noqa: E402
 
 CFG = GemmaConfig(width=64, depth=2, mlp_dim=128, num_heads=4, num_kv_heads=1, head_dim=16, vocab_size=96)
@@ -66,7 +66,7 @@ def test_decoder_layer_matches_transformers():
     with torch.no_grad():
         ref = hf.layers[0](x, attention_mask=additive(mask), position_ids=positions,
                            position_embeddings=hf.rotary_emb(x, positions))
-        out, _ = ours.layers[0](x, rope_tables(positions, CFG.head_dim), mask)
+        out, _ = ours.layers[0](x, rope_tables(positions, CFG.head_dim), attention_bias(mask, x.dtype))
     assert rel_err(out[pad_rows(mask)], ref[pad_rows(mask)]) < 1e-5
     assert rel_err(out, ref) < 1e-5  # fully masked rows agree too (uniform attention, finite)
 

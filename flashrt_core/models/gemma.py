@@ -8,8 +8,9 @@ Reference semantics: openpi `models/gemma.py` (JAX, the trained model) and
   of Pi0.5 replaces it with adaRMS: `(scale, shift, gate) = dense(cond)`,
   `y = rms(x) * (1 + scale) + shift`, and the residual after the block is `x + f(y) * gate`.
 - RoPE (theta 1e4, split halves over the full head_dim) is computed in fp32, q is scaled by
-  head_dim^-0.5 after it, logits and softmax are fp32, and a masked logit is set to
-  -2.3819763e38 (not -inf, so a fully masked row stays finite).
+  head_dim^-0.5 after it. A masked logit gets -2.3819763e38 (not -inf), so the softmax of a
+  fully masked row (padding, a missing camera) stays finite, as in the reference; attention
+  itself is torch's SDPA with that additive bias (fp32 softmax accumulation).
 Parameter names follow transformers' GemmaModel (`layers.{i}.self_attn.q_proj`, ...).
 """
 
@@ -106,18 +107,18 @@ def apply_rope(x: torch.Tensor, rope) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q [B, H, T, D] (already scaled), k/v [B, KV, S, D], mask bool [B, T, S] -> [B, T, H*D].
+def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool mask [B, T, S] -> additive logit bias [B, 1, T, S]: 0 where allowed, MASKED_LOGIT elsewhere."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, MASKED_LOGIT)[:, None]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """q [B, H, T, D] (already scaled), k/v [B, KV, S, D], bias [B, 1, T, S] -> [B, T, H*D].
 
     Query head n reads kv head n // (H / KV) (grouped-query attention)."""
     b, h, t, d = q.shape
-    kv = k.shape[1]
-    k = k[:, :, None].expand(b, kv, h // kv, *k.shape[2:]).reshape(b, h, -1, d)
-    v = v[:, :, None].expand(b, kv, h // kv, *v.shape[2:]).reshape(b, h, -1, d)
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2))
-    logits = logits.masked_fill(~mask[:, None], MASKED_LOGIT)
-    probs = torch.softmax(logits, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).transpose(1, 2).reshape(b, t, h * d)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0, enable_gqa=True)
+    return out.transpose(1, 2).reshape(b, t, h * d)
 
 
 class GemmaAttention(nn.Module):
@@ -166,14 +167,14 @@ class GemmaDecoderLayer(nn.Module):
         self.post_attention_layernorm = _norm(cfg, cond_dim)
         self.mlp = GemmaMLP(cfg)
 
-    def forward(self, x, rope, mask, kv_prefix=None, cond=None):
-        """x [B, T, width]; mask bool [B, T, S] over keys = (kv_prefix tokens, then these T).
+    def forward(self, x, rope, bias, kv_prefix=None, cond=None):
+        """x [B, T, width]; bias [B, 1, T, S] (attention_bias) over keys = (kv_prefix tokens, then these T).
 
         Returns the new x and this layer's own (k, v), which is what a prefix pass caches."""
         h, gate = self.input_layernorm(x, cond)
         q, k, v = self.self_attn.project(h, rope)
         keys, values = (k, v) if kv_prefix is None else (torch.cat([kv_prefix[0], k], 2), torch.cat([kv_prefix[1], v], 2))
-        x = gated_residual(x, self.self_attn.o_proj(attention(q, keys, values, mask)), gate)
+        x = gated_residual(x, self.self_attn.o_proj(attention(q, keys, values, bias)), gate)
         h, gate = self.post_attention_layernorm(x, cond)
         return gated_residual(x, self.mlp(h), gate), (k, v)
 
@@ -195,9 +196,10 @@ class GemmaDecoder(nn.Module):
         return table[tokens] * torch.tensor(math.sqrt(self.config.width), dtype=table.dtype)
 
     def forward(self, x, rope, mask, kv_prefix=None, cond=None):
-        """Returns (final-normed hidden [B, T, width], per-layer (k, v) of these tokens)."""
-        kv_cache = []
+        """x [B, T, width], mask bool [B, T, S] -> (final-normed hidden [B, T, width],
+        per-layer (k, v) of these tokens)."""
+        bias, kv_cache = attention_bias(mask, x.dtype), []
         for i, layer in enumerate(self.layers):
-            x, kv = layer(x, rope, mask, None if kv_prefix is None else kv_prefix[i], cond)
+            x, kv = layer(x, rope, bias, None if kv_prefix is None else kv_prefix[i], cond)
             kv_cache.append(kv)
         return self.norm(x, cond)[0], kv_cache

@@ -96,6 +96,32 @@ def suffix_ar(config: PiConfig) -> list[int]:
     return actions if config.pi05 else [1, *actions]
 
 
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Who attends to whom, and the RoPE positions, for one observation (batch 1)."""
+
+    prefix_pad: torch.Tensor        # bool [1, P]: valid prefix tokens
+    prefix_mask: torch.Tensor       # bool [1, P, P]
+    prefix_positions: torch.Tensor  # int [1, P]
+    suffix_mask: torch.Tensor       # bool [1, S, P + S]: suffix queries over [prefix | suffix] keys
+    suffix_positions: torch.Tensor  # int [1, S]
+
+
+def attention_layout(config: PiConfig, image_mask: torch.Tensor, token_mask: torch.Tensor) -> AttentionLayout:
+    """image_mask bool [V], token_mask bool [L] -> masks and positions of prefix and suffix."""
+    n = config.tokens_per_image
+    prefix_pad = torch.cat([image_mask[:, None].expand(-1, n).reshape(-1), token_mask])[None]
+    prefix_mask = make_attn_mask(prefix_pad, torch.zeros(prefix_pad.shape[1], dtype=torch.int64,
+                                                         device=prefix_pad.device))
+    ar = torch.tensor(suffix_ar(config), device=prefix_pad.device)
+    suffix_pad = torch.ones(1, len(ar), dtype=torch.bool, device=prefix_pad.device)
+    suffix_mask = torch.cat([prefix_pad[:, None, :].expand(1, len(ar), -1), make_attn_mask(suffix_pad, ar)], dim=2)
+    return AttentionLayout(
+        prefix_pad=prefix_pad, prefix_mask=prefix_mask, prefix_positions=torch.cumsum(prefix_pad, dim=1) - 1,
+        suffix_mask=suffix_mask,
+        suffix_positions=prefix_pad.sum(-1, keepdim=True) + torch.cumsum(suffix_pad, dim=1) - 1)
+
+
 def flow_times(num_steps: int) -> list[float]:
     """The t values the sampler visits, accumulated in fp32 as the reference does."""
     dt = np.float32(-1.0 / num_steps)
@@ -187,14 +213,12 @@ class PiModel(nn.Module):
 
     # -- pieces of the forward ------------------------------------------------------------
 
-    def embed_prefix(self, pixels, image_mask, tokens, token_mask):
-        """pixels [V, 3, S, S] in [-1, 1] -> prefix embeddings [1, P, width] and valid mask [1, P]."""
+    def embed_prefix(self, pixels, tokens):
+        """pixels [V, 3, S, S] in [-1, 1], tokens [L] -> prefix embeddings [1, V * patches + L, width]."""
         image_tokens = self.projector(self.vision(pixels))  # [V, n, width], no sqrt(width) scale
         views, n, width = image_tokens.shape
-        x = torch.cat([image_tokens.reshape(1, views * n, width).to(self.compute_dtype),
-                       self.vlm.embed(tokens[None])], dim=1)
-        pad = torch.cat([image_mask[:, None].expand(views, n).reshape(1, views * n), token_mask[None]], dim=1)
-        return x, pad
+        return torch.cat([image_tokens.reshape(1, views * n, width).to(self.compute_dtype),
+                          self.vlm.embed(tokens[None])], dim=1)
 
     def cached_time_embedding(self, t: float, device) -> torch.Tensor:
         key = (t, str(device))
@@ -228,22 +252,16 @@ class PiModel(nn.Module):
             a.to(device) for a in (images, image_mask, tokens, token_mask, state, noise))
         pixels = images.permute(0, 3, 1, 2).float() / 255.0 * 2.0 - 1.0
 
+        layout = attention_layout(cfg, image_mask, token_mask)
         # Prefix: one pass, keep each layer's K/V.
-        x, prefix_pad = self.embed_prefix(pixels, image_mask, tokens, token_mask)
-        prefix_mask = make_attn_mask(prefix_pad, torch.zeros_like(prefix_pad[0], dtype=torch.int64))
-        prefix_positions = torch.cumsum(prefix_pad, dim=1) - 1
-        _, kv_cache = self.vlm(x, rope_tables(prefix_positions, cfg.vlm.head_dim, cfg.vlm.rope_theta), prefix_mask)
-
-        # Suffix layout is the same at every step.
-        ar = torch.tensor(suffix_ar(cfg), device=device)
-        suffix_pad = torch.ones(1, len(ar), dtype=torch.bool, device=device)
-        suffix_mask = torch.cat([prefix_pad[:, None, :].expand(1, len(ar), -1), make_attn_mask(suffix_pad, ar)], dim=2)
-        suffix_positions = prefix_pad.sum(-1, keepdim=True) + torch.cumsum(suffix_pad, dim=1) - 1
-        rope = rope_tables(suffix_positions, cfg.expert.head_dim, cfg.expert.rope_theta)
+        rope = rope_tables(layout.prefix_positions, cfg.vlm.head_dim, cfg.vlm.rope_theta)
+        _, kv_cache = self.vlm(self.embed_prefix(pixels, tokens), rope, layout.prefix_mask)
+        # Suffix: same masks and positions at every step.
+        rope = rope_tables(layout.suffix_positions, cfg.expert.head_dim, cfg.expert.rope_theta)
         state_token = None if cfg.pi05 else self.state_proj(state.float()[None])[:, None, :]
 
         x_t = noise.float()[None]
         dt = float(np.float32(-1.0 / cfg.num_steps))
         for t in flow_times(cfg.num_steps):
-            x_t = x_t + dt * self.velocity(x_t, t, state_token, kv_cache, rope, suffix_mask)
+            x_t = x_t + dt * self.velocity(x_t, t, state_token, kv_cache, rope, layout.suffix_mask)
         return x_t[0]
