@@ -118,8 +118,10 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t pw = p % grid_w;
     const int64_t y = ph * patch + kh;
     const int64_t xw = pw * patch + kw;
-    const float px = static_cast<float>(images[((view * height + y) * width + xw) * channels + c]);
-    out[idx] = from_float<T>(px / 255.0f * 2.0f - 1.0f);
+    // In double, rounded once to fp32: the twin's table (reference.pixel_values) holds
+    // exactly these values, whatever division a backend uses.
+    const double px = static_cast<double>(images[((view * height + y) * width + xw) * channels + c]);
+    out[idx] = from_float<T>(static_cast<float>(px / 255.0 * 2.0 - 1.0));
   }
 }
 

@@ -77,7 +77,7 @@ void absmax(const void* x, float* out, int64_t n, bool accumulate, int act_dtype
 void euler_step(void* x, const void* v, float dt, int64_t n, int x_dtype, int v_dtype, void* stream);
 
 // uint8 images [V, H, W, C] -> patches [V * (H/p) * (W/p), C * p * p] in (c, kh, kw)
-// order, value = x / 255 * 2 - 1 (fp32 arithmetic), stored in out_dtype.
+// order, value = x / 255 * 2 - 1 (in double, rounded to fp32), stored in out_dtype.
 void images_to_patches(const uint8_t* images, void* out, int64_t views, int64_t height, int64_t width,
                        int64_t channels, int64_t patch, int out_dtype, void* stream);
 

@@ -187,13 +187,20 @@ def euler_step(x, v, dt):
     return x
 
 
+def pixel_values(device=None) -> torch.Tensor:
+    """fp32 value of each uint8 pixel: the double x / 255 * 2 - 1 rounded once to fp32.
+    A table, so the result never depends on how a backend divides (torch may multiply
+    by a rounded reciprocal); the kernel computes the same double expression."""
+    return torch.tensor([v / 255.0 * 2.0 - 1.0 for v in range(256)], dtype=torch.float64).float().to(device)
+
+
 def images_to_patches(images, patch=14, dtype=torch.bfloat16, out=None):
     """uint8 images [V, H, W, C] -> patch rows [V * (H/p) * (W/p), C * p * p] in the
-    conv weight's (c, kh, kw) order, value x / 255 * 2 - 1: SigLIP's patch embedding
-    becomes one GEMM and the preprocessing runs on the GPU."""
+    conv weight's (c, kh, kw) order, value x / 255 * 2 - 1 (`pixel_values`): SigLIP's
+    patch embedding becomes one GEMM and the preprocessing runs on the GPU."""
     views, height, width, channels = images.shape
     gh, gw = height // patch, width // patch
-    x = images.float() / 255.0 * 2.0 - 1.0
+    x = pixel_values(images.device)[images.long()]
     x = x.view(views, gh, patch, gw, patch, channels).permute(0, 1, 3, 5, 2, 4)
     y = x.reshape(views * gh * gw, channels * patch * patch)
     return _emit(y, dtype if out is None else out.dtype, out, None)
@@ -233,6 +240,7 @@ __all__ = [
     "images_to_patches",
     "layer_norm",
     "output_dtype",
+    "pixel_values",
     "qkv_rope_split",
     "quantize_fp8",
     "rms_norm",
