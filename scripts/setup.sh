@@ -138,8 +138,20 @@ set +u; source install/local_setup.bash; set -u
 # Random weights in the real Pi0.5 layout (tiny dims); rewritten when the engine's
 # code that writes it changes.
 CKPT=.cache/checkpoints/pi05_tiny
-if ! "$PY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("flashrt_core.synthetic") is None)' 2>/dev/null; then
+synthetic_rc=0
+"$PY" - <<'PYTHON' || synthetic_rc=$?
+import importlib.util, sys
+try:
+    found = importlib.util.find_spec("flashrt_core.synthetic") is not None
+except Exception as exc:  # flashrt_core itself fails to import
+    print(f"[setup] error: flashrt_core does not import: {exc!r}", file=sys.stderr)
+    sys.exit(2)
+sys.exit(0 if found else 1)
+PYTHON
+if [ $synthetic_rc = 1 ]; then
   say "demo checkpoint pending (flashrt_core.synthetic not in this build yet)"
+elif [ $synthetic_rc != 0 ]; then
+  exit 1
 else
   engine_hash="$(find flashrt_core -name '*.py' -print0 | sort -z | xargs -0 cat | sha)"
   if [ "$(cat "$CKPT/.flashrt-stamp" 2>/dev/null)" != "$engine_hash" ]; then

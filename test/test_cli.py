@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 from flashrt_ros import cli
+from flashrt_ros.params import SUPPORTED_POLICY_MODELS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+# One params file per policy model, named after it.
+POLICY_CONFIGS = [CONFIG_DIR / f"{model}.yaml" for model in SUPPORTED_POLICY_MODELS]
 
 
 def flashrt_ros(command: str, *args) -> subprocess.CompletedProcess:
@@ -80,7 +83,7 @@ def test_bad_input_is_one_line_and_exit_2(case, flashrt_ros_command, checkpoint_
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", POLICY_CONFIGS, ids=lambda p: p.name)
 def test_run_check_accepts_shipped_config(path, flashrt_ros_command, checkpoint_dir):
     result = flashrt_ros(flashrt_ros_command, "run", path.stem, "--checkpoint", checkpoint_dir,
                          "--params", path, "--set", "rate_hz=15", "--check")
