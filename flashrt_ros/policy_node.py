@@ -37,6 +37,7 @@ from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescr
                                 SetParametersResult)
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.clock import Clock, ClockType
+from rclpy.duration import Duration
 from rclpy.exceptions import ParameterUninitializedException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
@@ -56,6 +57,7 @@ OUTPUT_QOS = QoSProfile(depth=5, reliability=QoSReliabilityPolicy.RELIABLE,
 PROMPT_QOS = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
 SKIP_LOG_PERIOD_S = 5.0       # one warning per skip reason per period
 ENGINE_WAIT_S = 30.0          # how long ~/predict and deactivate wait for a running inference
+HOLD_ACK_WAIT_S = 1.0         # how long deactivate waits for subscribers to acknowledge the hold
 
 _PARAMETER_TYPES = {
     params.STRING: Parameter.Type.STRING,
@@ -122,10 +124,12 @@ class _Engine:
     # Per action dimension clamp bounds (-inf/inf where no limit applies).
     action_lower: np.ndarray
     action_upper: np.ndarray
-    # Per joint_names entry: its column in the action array (for the trajectory).
+    # Joints of ~/joint_trajectory (joint_names entries that are action names, in
+    # joint_names order), their action columns and limits; None: no trajectory.
+    trajectory_joints: list[str] | None
     trajectory_columns: list[int] | None
-    joint_lower: np.ndarray
-    joint_upper: np.ndarray
+    trajectory_lower: np.ndarray | None
+    trajectory_upper: np.ndarray | None
     trajectory_velocities: bool
     buffer: ObservationBuffer
     subscriptions: list = field(default_factory=list)
@@ -150,6 +154,9 @@ class PolicyNode(LifecycleNode):
         self.add_post_set_parameters_callback(self._parameters_changed)
         self._engine: _Engine | None = None
         self._engine_lock = threading.Lock()
+        # Held while /diagnostics is published, so cleanup never destroys the publisher
+        # under a running diagnostics callback.
+        self._diagnostics_lock = threading.Lock()
         self._active = False
         self._timer = None
         self._prompt = parameter_value(self, "prompt")
@@ -199,9 +206,11 @@ class PolicyNode(LifecycleNode):
             self._release_engine()
             return TransitionCallbackReturn.FAILURE
         spec = self._engine.spec
+        joints = self._engine.trajectory_joints
         log.info(f"configured: {spec.model} on {spec.device} ({spec.precision}, "
                  f"{spec.backend}), {spec.num_views} cameras, chunk "
-                 f"{spec.action_horizon}x{spec.action_dim}")
+                 f"{spec.action_horizon}x{spec.action_dim}, trajectory "
+                 f"{'off' if joints is None else f'for {len(joints)} joints'}")
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -296,29 +305,30 @@ class PolicyNode(LifecycleNode):
         joint_upper = np.array(upper or [np.inf] * len(joint_names))
         if np.any(joint_lower > joint_upper):
             raise ConfigurationError("joint_limits_lower is above joint_limits_upper")
+        # Actions named like a joint are that joint's position command: they get its
+        # limits and go to the trajectory. Other action dimensions pass unclamped.
         columns = {name: i for i, name in enumerate(action_names)}
-        unmapped = [name for name in joint_names if name not in columns]
-        limited = (lower or upper)
-        if unmapped and (values["publish_trajectory"] or limited):
-            raise ConfigurationError(
-                f"joints {', '.join(unmapped)} are not among the action names "
-                f"({', '.join(action_names)}); the trajectory and joint limits need them "
-                "(set action_names, or publish_trajectory:=false without limits)")
+        mapped = [j for j, name in enumerate(joint_names) if name in columns]
         action_lower = np.full(spec.action_dim, -np.inf)
         action_upper = np.full(spec.action_dim, np.inf)
-        for j, name in enumerate(joint_names):
-            if name in columns:
-                action_lower[columns[name]] = joint_lower[j]
-                action_upper[columns[name]] = joint_upper[j]
+        for j in mapped:
+            action_lower[columns[joint_names[j]]] = joint_lower[j]
+            action_upper[columns[joint_names[j]]] = joint_upper[j]
+        trajectory = values["publish_trajectory"]
+        if trajectory and not mapped:
+            raise ConfigurationError(
+                f"publish_trajectory needs joint_names among the action names "
+                f"({', '.join(action_names)}); set action_names, or publish_trajectory:=false")
         streams = list(values["camera_topics"]) + [values["joint_state_topic"]]
         return _Engine(
             policy=policy, spec=spec, camera_topics=list(values["camera_topics"]),
             joint_state_topic=values["joint_state_topic"], joint_names=list(joint_names),
             action_names=list(action_names), action_lower=action_lower,
             action_upper=action_upper,
-            trajectory_columns=([columns[n] for n in joint_names]
-                                if values["publish_trajectory"] else None),
-            joint_lower=joint_lower, joint_upper=joint_upper,
+            trajectory_joints=[joint_names[j] for j in mapped] if trajectory else None,
+            trajectory_columns=[columns[joint_names[j]] for j in mapped] if trajectory else None,
+            trajectory_lower=joint_lower[mapped] if trajectory else None,
+            trajectory_upper=joint_upper[mapped] if trajectory else None,
             trajectory_velocities=values["trajectory_velocities"],
             buffer=ObservationBuffer(streams))
 
@@ -349,7 +359,7 @@ class PolicyNode(LifecycleNode):
             Predict, "~/predict", self._on_predict, callback_group=self._service_group)
         engine.chunk_publisher = self.create_lifecycle_publisher(
             ActionChunk, "~/action_chunk", OUTPUT_QOS)
-        if engine.trajectory_columns is not None:
+        if engine.trajectory_joints is not None:
             engine.trajectory_publisher = self.create_lifecycle_publisher(
                 JointTrajectory, "~/joint_trajectory", OUTPUT_QOS)
         # Diagnostics report while configured (also inactive), on a steady clock so
@@ -386,18 +396,23 @@ class PolicyNode(LifecycleNode):
             self.get_logger().warning("no joint state received: no hold published")
             return
         try:
-            positions = conversions.joint_positions(sample.message, engine.joint_names)
+            positions = conversions.joint_positions(sample.message, engine.trajectory_joints)
         except ConversionError as error:
             self.get_logger().warning(f"newest joint state unusable ({error}): no hold published")
             return
-        positions = np.clip(positions, engine.joint_lower, engine.joint_upper)
+        positions = np.clip(positions, engine.trajectory_lower, engine.trajectory_upper)
         from std_msgs.msg import Header
 
         hold = conversions.build_joint_trajectory(
             positions[None, :], header=Header(frame_id=parameter_value(self, "frame_id")),
-            joint_names=engine.joint_names, step_dt=parameter_value(self, "action_dt"),
+            joint_names=engine.trajectory_joints, step_dt=parameter_value(self, "action_dt"),
             with_velocities=True)
         engine.trajectory_publisher.publish(hold)
+        # The hold is the last command: make sure subscribers have it before the
+        # publisher may be destroyed (cleanup, shutdown).
+        if not engine.trajectory_publisher.wait_for_all_acked(Duration(seconds=HOLD_ACK_WAIT_S)):
+            self.get_logger().warning(
+                f"hold not acknowledged by every subscriber within {HOLD_ACK_WAIT_S:g} s")
         self.get_logger().info("hold published at the current joint positions")
 
     def _destroy_timer(self) -> None:
@@ -413,13 +428,14 @@ class PolicyNode(LifecycleNode):
             self.destroy_subscription(subscription)
         if engine.service is not None:
             self.destroy_service(engine.service)
-        if engine.diagnostics_timer is not None:
-            self.destroy_timer(engine.diagnostics_timer)
+        with self._diagnostics_lock:
+            if engine.diagnostics_timer is not None:
+                self.destroy_timer(engine.diagnostics_timer)
+            if engine.diagnostics_publisher is not None:
+                self.destroy_publisher(engine.diagnostics_publisher)
         for publisher in (engine.chunk_publisher, engine.trajectory_publisher):
             if publisher is not None:
                 self.destroy_lifecycle_publisher(publisher)
-        if engine.diagnostics_publisher is not None:
-            self.destroy_publisher(engine.diagnostics_publisher)
         with self._engine_lock:
             engine.policy.close()
 
@@ -506,7 +522,7 @@ class PolicyNode(LifecycleNode):
         if engine.trajectory_publisher is not None:
             engine.trajectory_publisher.publish(conversions.build_joint_trajectory(
                 actions[:, engine.trajectory_columns], header=self._header(stamp_ns),
-                joint_names=engine.joint_names, step_dt=parameter_value(self, "action_dt"),
+                joint_names=engine.trajectory_joints, step_dt=parameter_value(self, "action_dt"),
                 with_velocities=engine.trajectory_velocities))
         published_ns = self.get_clock().now().nanoseconds
         self.health.record_published(inference_s, (published_ns - stamp_ns) * 1e-9)
@@ -574,9 +590,12 @@ class PolicyNode(LifecycleNode):
     # ------------------------------------------------------------------ diagnostics
 
     def _publish_diagnostics(self) -> None:
-        engine = self._engine
-        if engine is None:
-            return
+        with self._diagnostics_lock:
+            engine = self._engine
+            if engine is not None:
+                self._publish_diagnostics_of(engine)
+
+    def _publish_diagnostics_of(self, engine: _Engine) -> None:
         from diagnostic_msgs.msg import DiagnosticArray
 
         spec = engine.spec

@@ -249,13 +249,28 @@ def joint_names(tiny_spec):
     return [f"joint_{i}" for i in range(tiny_spec.state_dim)]
 
 
+@pytest.fixture(scope="session")
+def action_names(tiny_spec, joint_names):
+    """Action dimension names: the first joints (actions are their positions), then
+    extra dimensions if the action is wider than the state."""
+    extra = [f"extra_{i}" for i in range(tiny_spec.action_dim - len(joint_names))]
+    return (joint_names + extra)[:tiny_spec.action_dim]
+
+
+@pytest.fixture(scope="session")
+def trajectory_joints(joint_names, action_names):
+    return [name for name in joint_names if name in action_names]
+
+
 @pytest.fixture
-def make_graph(tiny_checkpoint, joint_names):
+def make_graph(tiny_checkpoint, joint_names, action_names):
     """make_graph(**PolicyGraph kwargs) -> PolicyGraph, closed after the test."""
     graphs = []
 
-    def make(checkpoint=None, **kwargs):
-        graph = PolicyGraph(checkpoint or tiny_checkpoint, joint_names, **kwargs)
+    def make(checkpoint=None, parameters=None, **kwargs):
+        parameters = {"action_names": action_names, **(parameters or {})}
+        graph = PolicyGraph(checkpoint or tiny_checkpoint, joint_names,
+                            parameters=parameters, **kwargs)
         graphs.append(graph)
         return graph
 

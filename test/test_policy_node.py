@@ -6,7 +6,8 @@ import shutil
 import numpy as np
 import pytest
 from policy_harness import (  # noqa: F401 - fixtures
-    CAMERAS, joint_names, make_graph, tiny_checkpoint, tiny_spec, wait_until)
+    CAMERAS, action_names, joint_names, make_graph, tiny_checkpoint, tiny_spec,
+    trajectory_joints, wait_until)
 from rclpy.lifecycle import TransitionCallbackReturn
 
 from flashrt_ros.launcher import lifecycle_state
@@ -29,14 +30,14 @@ def activate(graph):
     assert graph.policy.trigger_activate() == SUCCESS
 
 
-def test_cameras_and_joints_in_chunks_and_trajectories_out(make_graph, tiny_spec, joint_names):
+def test_cameras_and_joints_in_chunks_and_trajectories_out(make_graph, tiny_spec, action_names,
+                                                           trajectory_joints):
     graph = make_graph(parameters={"action_dt": 0.04, "trajectory_velocities": True})
     activate(graph)
     assert wait_until(lambda: len(graph.recorder.snapshot().trajectories) >= 6, timeout=20)
     got = graph.recorder.snapshot()
     horizon, action_dim = tiny_spec.action_horizon, tiny_spec.action_dim
-    expected_names = (joint_names if action_dim == len(joint_names)
-                      else [f"a{i}" for i in range(action_dim)])
+    expected_names = action_names
     sequences = [c.sequence for c in got.chunks]
     assert sequences == list(range(sequences[0], sequences[0] + len(sequences)))
     by_stamp = {stamp_ns(c.header.stamp): c for c in got.chunks}
@@ -49,7 +50,7 @@ def test_cameras_and_joints_in_chunks_and_trajectories_out(make_graph, tiny_spec
         # The observation time is the stamp of an input the robot really sent.
         assert stamp_ns(chunk.header.stamp) in graph.robot.published_stamps
     for trajectory in got.trajectories:
-        assert list(trajectory.joint_names) == joint_names
+        assert list(trajectory.joint_names) == trajectory_joints
         times = [seconds(p.time_from_start) for p in trajectory.points]
         np.testing.assert_allclose(times, 0.04 * np.arange(1, horizon + 1), atol=1e-9)
         assert all(b > a for a, b in zip(times, times[1:]))
@@ -57,7 +58,7 @@ def test_cameras_and_joints_in_chunks_and_trajectories_out(make_graph, tiny_spec
         if chunk is None:  # its chunk was sent before the recorder matched
             continue
         actions = np.asarray(chunk.data).reshape(horizon, action_dim)
-        columns = [expected_names.index(name) for name in joint_names]
+        columns = [expected_names.index(name) for name in trajectory_joints]
         positions = np.array([p.positions for p in trajectory.points])
         np.testing.assert_allclose(positions, actions[:, columns], rtol=1e-6)
         velocities = np.array([p.velocities for p in trajectory.points])
@@ -66,7 +67,7 @@ def test_cameras_and_joints_in_chunks_and_trajectories_out(make_graph, tiny_spec
         assert not velocities[-1].any()
 
 
-def test_joint_limits_clamp_every_published_value(make_graph, joint_names):
+def test_joint_limits_clamp_every_published_value(make_graph, joint_names, trajectory_joints):
     n = len(joint_names)
     graph = make_graph(parameters={"joint_limits_lower": [-0.01] * n,
                                    "joint_limits_upper": [0.02] * n})
@@ -77,11 +78,14 @@ def test_joint_limits_clamp_every_published_value(make_graph, joint_names):
     assert positions.min() >= -0.01 - 1e-9 and positions.max() <= 0.02 + 1e-9
     # Random weights give actions well outside +-0.02: the clamp is what holds them.
     assert np.isclose(positions, -0.01).any() or np.isclose(positions, 0.02).any()
-    data = np.concatenate([np.asarray(c.data) for c in got.chunks])
-    assert data.min() >= -0.01 - 1e-6 and data.max() <= 0.02 + 1e-6
+    for chunk in got.chunks:  # every action named after a joint is clamped
+        actions = np.asarray(chunk.data).reshape(chunk.horizon, chunk.action_dim)
+        clamped = actions[:, [list(chunk.names).index(n) for n in trajectory_joints]]
+        assert clamped.min() >= -0.01 - 1e-6 and clamped.max() <= 0.02 + 1e-6
 
 
-def test_lifecycle_failing_configure_then_every_transition(make_graph, tmp_path, tiny_checkpoint):
+def test_lifecycle_failing_configure_then_every_transition(make_graph, tmp_path, tiny_checkpoint,
+                                                          trajectory_joints):
     checkpoint = tmp_path / "arrives_later"
     graph = make_graph(checkpoint=checkpoint)
     node, recorder = graph.policy, graph.recorder
@@ -110,7 +114,9 @@ def test_lifecycle_failing_configure_then_every_transition(make_graph, tmp_path,
     assert wait_until(lambda: len(recorder.snapshot().trajectories[-1].points) == 1, timeout=5)
     hold = recorder.snapshot().trajectories[-1]
     assert stamp_ns(hold.header.stamp) == 0  # "start now"
-    np.testing.assert_allclose(hold.points[0].positions, graph.robot.positions, atol=1e-6)
+    assert list(hold.joint_names) == trajectory_joints
+    np.testing.assert_allclose(hold.points[0].positions,
+                               graph.robot.positions[:len(trajectory_joints)], atol=1e-6)
     assert not any(hold.points[0].velocities)
     count = len(recorder.snapshot().chunks)
     assert not wait_until(lambda: len(recorder.snapshot().chunks) > count, timeout=0.6)
@@ -122,7 +128,10 @@ def test_lifecycle_failing_configure_then_every_transition(make_graph, tmp_path,
     assert node.trigger_cleanup() == SUCCESS
     assert lifecycle_state(node) == "unconfigured" and node._engine is None
     assert node.trigger_configure() == SUCCESS
+    recorder.clear()
     assert node.trigger_activate() == SUCCESS
+    # New publishers after cleanup: let the recorder match them before the hold.
+    assert wait_until(lambda: len(recorder.snapshot().trajectories) > 0, timeout=20)
     recorder.clear()
     assert node.trigger_shutdown() == SUCCESS
     assert lifecycle_state(node) == "finalized"

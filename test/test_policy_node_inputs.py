@@ -12,7 +12,7 @@ import pytest
 import rclpy
 from policy_harness import (  # noqa: F401 - fixtures
     BEST_EFFORT, CAMERAS, JOINT_TOPIC, compressed_message, image_message, joint_message,
-    joint_names, make_graph, rgb_frame, tiny_checkpoint, tiny_spec, wait_until)
+    action_names, joint_names, make_graph, rgb_frame, tiny_checkpoint, tiny_spec, wait_until)
 from rclpy.lifecycle import TransitionCallbackReturn
 
 pytestmark = pytest.mark.ros
@@ -122,7 +122,7 @@ def test_odd_sized_and_mono_images_are_used(make_graph):
         stamp, rgb_frame(height=300, width=20), fmt="png")
     activate(graph)
     assert flowing(graph)
-    assert sum(graph.policy.health.skipped.values()) == 0
+    assert not [r for r in graph.policy.health.skipped if r.startswith("bad image")]
 
 
 @pytest.mark.parametrize("case", ["nan", "inf", "missing joint", "length mismatch"])
@@ -163,7 +163,10 @@ def test_prompt_topic_and_empty_prompt(make_graph):
     assert wait_until(lambda: graph.policy.prompt == "stack the blocks")
     publisher.publish(String(data=""))
     assert wait_until(lambda: graph.policy.prompt == "")
-    assert published_while(graph, "empty prompt") <= 1
+    # The engine decides whether a model runs without an instruction: Pi0.5 does, so
+    # the node keeps publishing (an engine that refuses skips with 'empty prompt').
+    assert flowing(graph)
+    assert skips(graph, "empty prompt") == 0
     # The parameter is the other source of the prompt; the newest wins.
     graph.policy.set_parameters([rclpy.parameter.Parameter("prompt", value="open the drawer")])
     assert graph.policy.prompt == "open the drawer"
@@ -260,8 +263,7 @@ def test_predict_service(make_graph, joint_names, tiny_spec):
         response = call(graph, request)
         assert not response.success and message in response.message, response.message
     graph.policy.set_parameters([rclpy.parameter.Parameter("prompt", value="")])
-    response = call(graph, predict_request(joint_names, prompt=""))
-    assert not response.success and "empty prompt" in response.message
+    assert call(graph, predict_request(joint_names, prompt="")).success  # Pi0.5 allows it
     bad = predict_request(joint_names)
     bad.images[0].encoding = "16UC1"
     response = call(graph, bad)
