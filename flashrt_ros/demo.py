@@ -43,16 +43,21 @@ def demo_checkpoint(model: str) -> Path:
     return path
 
 
-def state_dim(checkpoint: Path, model: str) -> int:
-    """The checkpoint's state width (the robot below publishes that many joints)."""
+def joint_and_action_names(checkpoint: Path, model: str) -> tuple[list[str], list[str]]:
+    """One joint per state value of the checkpoint (the synthetic robot publishes them),
+    and action names: the joints' names while there are joints (actions are their
+    position commands), then extra dimensions."""
     import flashrt_core
 
     policy = flashrt_core.load_policy(str(checkpoint), model=model, device="cpu",
                                       num_views=len(DEMO_CAMERAS))
     try:
-        return policy.spec.state_dim
+        spec = policy.spec
     finally:
         policy.close()
+    joints = [f"joint_{i}" for i in range(spec.state_dim)]
+    extra = [f"action_{i}" for i in range(spec.state_dim, spec.action_dim)]
+    return joints, (joints + extra)[:spec.action_dim]
 
 
 class SyntheticRobot(Node):
@@ -95,7 +100,7 @@ class SyntheticRobot(Node):
 
 
 class ChunkPrinter(Node):
-    """Prints one line a second about the newest action chunk."""
+    """Prints one line a second about the newest action chunk (times from its start)."""
 
     def __init__(self, policy_name: str):
         super().__init__("demo_chunk_printer")
@@ -150,10 +155,11 @@ def main(duration: float = 10.0, model: str = "pi05") -> int:
     from flashrt_ros.policy_node import PolicyNode
 
     checkpoint = demo_checkpoint(model)
-    joint_names = [f"joint_{i}" for i in range(state_dim(checkpoint, model))]
+    joint_names, action_names = joint_and_action_names(checkpoint, model)
     overrides = {
         "model": model, "checkpoint": str(checkpoint), "camera_topics": DEMO_CAMERAS,
         "joint_state_topic": DEMO_JOINT_TOPIC, "joint_names": joint_names,
+        "action_names": action_names,
         "prompt": DEMO_PROMPT, "rate_hz": 20.0,
     }
     print(f"flashrt_ros demo: {model} on {checkpoint} (random weights), "
@@ -162,13 +168,14 @@ def main(duration: float = 10.0, model: str = "pi05") -> int:
     with launcher.ros_process() as stop:
         policy = PolicyNode(POLICY_NODE_NAME, parameter_overrides=[
             Parameter(name, value=value) for name, value in overrides.items()])
-        nodes = [policy, SyntheticRobot(joint_names),
-                 ChunkPrinter(policy.get_fully_qualified_name())]
+        nodes = [policy, SyntheticRobot(joint_names)]
         try:
-            with launcher.Spinner(nodes):
+            with launcher.Spinner(nodes) as spinner:
                 if not launcher.bring_up(policy):
                     print("demo failed: the policy node did not configure (see the log)")
                     return 1
+                nodes.append(ChunkPrinter(policy.get_fully_qualified_name()))
+                spinner.executor.add_node(nodes[-1])
                 started = time.monotonic()
                 launcher.wait_for(stop, timeout=duration)
                 active_seconds = time.monotonic() - started
