@@ -1,4 +1,4 @@
-"""The `flashrt-ros` command: run | demo | bench | doctor.
+"""The `flashrt-ros` command: run | demo | bench | doctor | node.
 
 `run` validates everything it is given (model, checkpoint directory, params YAML,
 --set overrides) before any ROS machinery starts, so a typo costs one line on stderr
@@ -176,9 +176,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(duration=args.duration, model=args.model)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(argv: list[str]) -> int:
     bench = _import("flashrt_core.bench", "the benchmark")
-    return bench.main(args.bench_args)
+    return bench.main(argv)
+
+
+def cmd_node(argv: list[str]) -> int:
+    policy_node = _import("flashrt_ros.policy_node", "the policy node")
+    return policy_node.main(argv)
+
+
+# Subcommands whose arguments all belong to what they start (the benchmark's own
+# options; the node's --ros-args ...): passed on untouched, argparse never sees them.
+PASSTHROUGH_COMMANDS = {"bench": cmd_bench, "node": cmd_node}
 
 
 def _version_of(*distributions: str) -> str | None:
@@ -287,10 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"policy model ({', '.join(SUPPORTED_POLICY_MODELS)}; default pi05)")
     demo.set_defaults(handler=cmd_demo)
 
-    bench = sub.add_parser("bench", help="engine benchmarks (arguments go to the benchmark)",
-                           add_help=False)
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
-    bench.set_defaults(handler=cmd_bench)
+    sub.add_parser("bench", help="engine benchmarks (all arguments go to the benchmark)")
+    sub.add_parser("node", help="spin one unconfigured policy node (what launch files run; "
+                                "arguments go to the node, e.g. --ros-args ...)")
 
     doctor = sub.add_parser("doctor", help="print GPU, CUDA extension, torch and ROS versions")
     doctor.set_defaults(handler=cmd_doctor)
@@ -298,8 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv and argv[0] in PASSTHROUGH_COMMANDS:
+            return PASSTHROUGH_COMMANDS[argv[0]](argv[1:])
+        args = build_parser().parse_args(argv)
         return args.handler(args)
     except UsageError as exc:
         fail(str(exc), EXIT_BAD_INPUT)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +130,27 @@ def test_help_lists_the_subcommands(flashrt_ros_command):
     assert result.returncode == 0
     for name in ("run", "demo", "bench", "doctor"):
         assert name in result.stdout
+
+
+@pytest.mark.ros
+def test_node_subcommand_passes_ros_args_to_the_node(flashrt_ros_command, rclpy_context):
+    """What launch files run: `flashrt-ros node --ros-args ...` spins a policy node
+    named by the remap until SIGINT."""
+    import rclpy
+
+    process = subprocess.Popen([flashrt_ros_command, "node", "--ros-args",
+                                "-r", "__node:=cli_probe", "-r", "__ns:=/cli_test"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    observer = rclpy.create_node("cli_observer", context=rclpy_context)
+    try:
+        deadline = time.monotonic() + 30.0
+        seen = False
+        while not seen and time.monotonic() < deadline and process.poll() is None:
+            seen = ("cli_probe", "/cli_test") in observer.get_node_names_and_namespaces()
+            time.sleep(0.2)
+    finally:
+        observer.destroy_node()
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+    assert seen, f"the node never appeared in the ROS graph; its output:\n{output}"
+    assert process.returncode == 0, output
