@@ -141,12 +141,28 @@ def attention_case(tokens, keys, hq=8, hkv=1, dh=256):
     return make
 
 
+def fused_attention_case(tokens, prefix, hq=8, hkv=1, dh=256):
+    def make():
+        cos, sin = rope_tables(2048, dh)
+        qkv = rnd(tokens, (hq + 2 * hkv) * dh)
+        k_cache, v_cache = rnd(prefix + tokens, hkv, dh), rnd(prefix + tokens, hkv, dh)
+        positions = torch.arange(prefix, prefix + tokens, dtype=torch.int32, device=DEV)
+        bias = torch.zeros(prefix + tokens, device=DEV)
+        out = torch.empty(tokens, hq, dh, dtype=BF16, device=DEV)
+        ws = ops.decode_attention_workspace(out.shape, k_cache.shape, DEV)
+        return (lambda: ops.qkv_rope_attention(qkv, cos, sin, positions, k_cache, v_cache, prefix, bias=bias,
+                                               out=out, workspace=ws),
+                nbytes(qkv, k_cache, v_cache, bias, out))
+    return make
+
+
 CASES = {
     # Pi0.5 action expert (10 tokens, D 1024, FFN 4096), per layer per step
     "expert gated_add_ada_rms_norm 10x1024": norm_case(10, 1024, "gated_add_ada_rms_norm"),
     "expert gated_add_ada_rms_norm 10x1024 fp8": norm_case(10, 1024, "gated_add_ada_rms_norm", fp8=True),
     "expert qkv_rope_split 10 tok": rope_case(10),
     "expert decode_attention 10x8 vs 570": attention_case(10, 570),
+    "expert qkv_rope_attention 10x8 vs 560+10": fused_attention_case(10, 560),
     "expert gelu_tanh_mul 10x4096": gelu_case(10, 4096),
     "expert euler_step 10x32": euler_case(10),
     # horizon 50

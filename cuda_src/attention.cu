@@ -9,8 +9,8 @@
 // block of each (tile, kv head) to finish (an atomic ticket) merges the splits and
 // writes the output, then resets its ticket so the next launch (graph replay) starts
 // clean. K and V tiles are staged in shared memory as fp32 with rows padded by 4 floats
-// (float4 reads by 8 lanes of a phase hit 32 distinct banks); V is fetched into
-// registers while the scores are computed.
+// (float4 reads by 8 lanes of a phase hit 32 distinct banks); 16-bit V is fetched
+// into registers while the scores are computed.
 #include <cmath>
 
 #include "common.cuh"
@@ -75,22 +75,116 @@ __device__ __forceinline__ void load_raw(const T* p, bool live, bool vec, RawChu
 }
 
 // Chunk i of this thread in a [kKeysPerBlock, head_dim] tile: key j, offset d0.
-__device__ __forceinline__ void tile_chunk(int i, int64_t head_dim, int64_t& j, int64_t& d0) {
-  const int64_t chunks_per_key = head_dim / kChunk;
-  const int64_t c = threadIdx.x + static_cast<int64_t>(i) * kThreads;
+__device__ __forceinline__ void tile_chunk(int i, int head_dim, int& j, int& d0) {
+  const int chunks_per_key = head_dim / kChunk;
+  const int c = threadIdx.x + i * kThreads;
   j = c / chunks_per_key;
   d0 = (c - j * chunks_per_key) * kChunk;
 }
 
 template <typename T>
-__device__ __forceinline__ void load_tile(const T* base, int64_t kv_row_stride, int64_t key0, int64_t keys,
-                                          int64_t head_dim, bool vec, RawChunk<T> (&regs)[kTileChunksPerThread]) {
+__device__ __forceinline__ void store_raw(T* p, bool vec, const RawChunk<T>& r) {
+  if (vec) {
+    if constexpr (sizeof(T) == 4) {
+      reinterpret_cast<float4*>(p)[0] = reinterpret_cast<const float4*>(r.v)[0];
+      reinterpret_cast<float4*>(p)[1] = reinterpret_cast<const float4*>(r.v)[1];
+    } else {
+      *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(r.v);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) p[i] = r.v[i];
+  }
+}
+
+// Fresh key u (fused-QKV mode): its k chunk at d0, rotated and rounded to T as the
+// cache would hold it (the partner chunk is half a row away).
+template <typename T>
+__device__ __forceinline__ void load_fresh_k(const DecodeAttentionArgs& a, int64_t u, int64_t kvh, int64_t d0,
+                                             bool vec, RawChunk<T>& r) {
+  const int64_t D = a.head_dim;
+  const int64_t half = D / 2;
+  const T* row = static_cast<const T*>(a.qkv) + u * (a.num_q_heads + 2 * a.num_kv_heads) * D +
+                 (a.num_q_heads + kvh) * D;
+  const bool first = d0 < half;
+  float x[kChunk];
+  float partner[kChunk];
+  float c[kChunk];
+  float s[kChunk];
+  load_chunk(row + d0, kChunk, vec, x);
+  load_chunk(row + (first ? d0 + half : d0 - half), kChunk, vec, partner);
+  load_rope_angles(a.cos, a.sin, a.positions[u], a.max_pos, half, first ? d0 : d0 - half, kChunk, vec, c, s);
+#pragma unroll
+  for (int i = 0; i < kChunk; ++i)
+    r.v[i] = from_float<T>(first ? rope_first(x[i], partner[i], c[i], s[i]) : rope_second(partner[i], x[i], c[i], s[i]));
+}
+
+// This thread's chunks of the K (or V) tile of keys key0.. for one kv head, from the
+// cache or, for fresh keys in fused-QKV mode, from qkv (then also written to the cache
+// by the blocks of query tile 0).
+template <typename T>
+__device__ __forceinline__ void load_tile(const DecodeAttentionArgs& a, bool is_v, int64_t kvh, int64_t key0,
+                                          bool vec, RawChunk<T> (&regs)[kTileChunksPerThread]) {
+  const int64_t D = a.head_dim;
+  T* cache = static_cast<T*>(const_cast<void*>(is_v ? a.v : a.k));
+  const int64_t cache_row_stride = a.num_kv_heads * D;
 #pragma unroll
   for (int i = 0; i < kTileChunksPerThread; ++i) {
-    int64_t j, d0;
-    tile_chunk(i, head_dim, j, d0);
-    const bool live = j < kKeysPerBlock && key0 + j < keys;
-    load_raw(base + (key0 + j) * kv_row_stride + d0, live, vec, regs[i]);
+    int j, d0;
+    tile_chunk(i, static_cast<int>(D), j, d0);
+    const int64_t key = key0 + j;
+    T* cached = cache + key * cache_row_stride + kvh * D + d0;
+    if (j >= kKeysPerBlock || key >= a.keys) {
+      load_raw(cached, false, vec, regs[i]);  // zeros
+    } else if (a.qkv != nullptr && key >= a.fresh_offset) {
+      const int64_t u = key - a.fresh_offset;
+      if (is_v) {
+        const T* row = static_cast<const T*>(a.qkv) + u * (a.num_q_heads + 2 * a.num_kv_heads) * D;
+        load_raw(row + (a.num_q_heads + a.num_kv_heads + kvh) * D + d0, true, vec, regs[i]);
+      } else {
+        load_fresh_k(a, u, kvh, d0, vec, regs[i]);
+      }
+      if (blockIdx.y == 0) store_raw(cached, vec, regs[i]);
+    } else {
+      load_raw(cached, true, vec, regs[i]);
+    }
+  }
+}
+
+// q row of this warp into shared memory (fp32, times scale): from q, or in fused-QKV
+// mode from qkv, rotated.
+template <typename T>
+__device__ __forceinline__ void load_q_row(const DecodeAttentionArgs& a, int64_t t, int64_t q_head, bool live,
+                                           bool vec, float* q_row) {
+  const int64_t D = a.head_dim;
+  const int lane = threadIdx.x & 31;
+  if (a.qkv == nullptr) {
+    for (int64_t c = lane; c < D / kChunk; c += 32) {
+      float f[kChunk];
+      load_chunk(static_cast<const T*>(a.q) + (t * a.num_q_heads + q_head) * D + c * kChunk, live ? kChunk : 0,
+                 vec, f);
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) q_row[c * kChunk + i] = f[i] * a.scale;
+    }
+    return;
+  }
+  const int64_t half = D / 2;
+  const T* row = static_cast<const T*>(a.qkv) + t * (a.num_q_heads + 2 * a.num_kv_heads) * D + q_head * D;
+  for (int64_t c = lane; c < half / kChunk; c += 32) {
+    float x1[kChunk] = {};
+    float x2[kChunk] = {};
+    float cs[kChunk] = {};
+    float sn[kChunk] = {};
+    if (live) {
+      load_chunk(row + c * kChunk, kChunk, vec, x1);
+      load_chunk(row + half + c * kChunk, kChunk, vec, x2);
+      load_rope_angles(a.cos, a.sin, a.positions[t], a.max_pos, half, c * kChunk, kChunk, vec, cs, sn);
+    }
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) {
+      q_row[c * kChunk + i] = rope_first(x1[i], x2[i], cs[i], sn[i]) * a.scale;
+      q_row[half + c * kChunk + i] = rope_second(x1[i], x2[i], cs[i], sn[i]) * a.scale;
+    }
   }
 }
 
@@ -99,8 +193,8 @@ __device__ __forceinline__ void stage_tile(float* smem, int64_t head_dim, const 
   const int64_t stride = head_dim + kPad;
 #pragma unroll
   for (int i = 0; i < kTileChunksPerThread; ++i) {
-    int64_t j, d0;
-    tile_chunk(i, head_dim, j, d0);
+    int j, d0;
+    tile_chunk(i, static_cast<int>(head_dim), j, d0);
     if (j < kKeysPerBlock) {
       float4* dst = reinterpret_cast<float4*>(smem + j * stride + d0);
       const RawChunk<T>& r = regs[i];
@@ -130,20 +224,15 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_kernel(const Dec
   const bool row_live = row < lay.rows;
   const int64_t t = row / G;
   const int64_t q_head = kvh * G + row % G;
-  const int64_t kv_row_stride = a.num_kv_heads * D;
 
-  // Issue K and V tile loads first (both in flight), then Q.
+  // Issue K and V tile loads first (both in flight), then Q. fp32 tiles would not fit
+  // the register budget twice: V is loaded after the scores there.
+  constexpr bool kPrefetchV = sizeof(T) < 4;
   RawChunk<T> k_regs[kTileChunksPerThread];
   RawChunk<T> v_regs[kTileChunksPerThread];
-  load_tile(static_cast<const T*>(a.k) + kvh * D, kv_row_stride, key0, a.keys, D, vec, k_regs);
-  load_tile(static_cast<const T*>(a.v) + kvh * D, kv_row_stride, key0, a.keys, D, vec, v_regs);
-  for (int64_t c = lane; c < D / kChunk; c += 32) {
-    float f[kChunk];
-    load_chunk(static_cast<const T*>(a.q) + (t * a.num_q_heads + q_head) * D + c * kChunk, row_live ? kChunk : 0,
-               vec, f);
-#pragma unroll
-    for (int i = 0; i < kChunk; ++i) q_s[warp * D + c * kChunk + i] = f[i] * a.scale;
-  }
+  load_tile(a, false, kvh, key0, vec, k_regs);
+  if constexpr (kPrefetchV) load_tile(a, true, kvh, key0, vec, v_regs);
+  load_q_row<T>(a, t, q_head, row_live, vec, q_s + warp * D);
   stage_tile(kv_s, D, k_regs);
   __syncthreads();
 
@@ -167,6 +256,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_kernel(const Dec
   const float p = m == -INFINITY ? 0.f : expf(score - m);  // masked block: all zero
   const float l = warp_sum(p);
 
+  if constexpr (!kPrefetchV) load_tile(a, true, kvh, key0, vec, v_regs);
   __syncthreads();  // everyone is done reading K
   stage_tile(kv_s, D, v_regs);
   __syncthreads();
@@ -257,19 +347,26 @@ __global__ void __launch_bounds__(kThreads, 2) decode_attention_kernel(const Dec
 
 int64_t decode_attention_workspace_floats(int64_t tokens, int64_t num_q_heads, int64_t num_kv_heads,
                                           int64_t head_dim, int64_t keys) {
-  require(num_kv_heads > 0 && num_q_heads % num_kv_heads == 0, "decode_attention",
+  require(num_kv_heads > 0 && num_q_heads > 0 && num_q_heads % num_kv_heads == 0, "decode_attention",
           "num_q_heads must be a multiple of num_kv_heads");
   const Layout l = make_layout(tokens, num_q_heads, num_kv_heads, head_dim, keys);
   return ticket_floats(num_kv_heads, l) + num_kv_heads * l.tiles * l.splits * kRowsPerTile * l.partial_stride;
 }
 
 void decode_attention(const DecodeAttentionArgs& a, void* stream) {
-  const char* name = "decode_attention";
-  require(a.q && a.k && a.v && a.out && a.workspace, name, "null pointer");
+  const bool fused = a.qkv != nullptr;
+  const char* name = fused ? "qkv_rope_attention" : "decode_attention";
+  require((fused || a.q) && a.k && a.v && a.out && a.workspace, name, "null pointer");
   require(a.head_dim > 0 && a.head_dim % kChunk == 0 && a.head_dim <= kMaxHeadDim, name,
           "head_dim must be a multiple of 8 and at most 256");
   require(a.tokens >= 0 && a.keys > 0, name, "needs at least one key");
   require(a.bias_row_stride >= 0, name, "bias row stride must be >= 0");
+  if (fused) {
+    require(a.cos && a.sin && a.positions, name, "RoPE tables or positions are null");
+    require(a.head_dim % (2 * kChunk) == 0, name, "head_dim must be a multiple of 16");
+    require(a.fresh_offset >= 0 && a.fresh_offset + a.tokens == a.keys && a.keys <= a.cache_rows, name,
+            "keys must be fresh_offset + tokens and fit the cache");
+  }
   const int64_t need =
       decode_attention_workspace_floats(a.tokens, a.num_q_heads, a.num_kv_heads, a.head_dim, a.keys);
   require(a.workspace_floats >= need, name,
@@ -278,7 +375,8 @@ void decode_attention(const DecodeAttentionArgs& a, void* stream) {
   const Layout l = make_layout(a.tokens, a.num_q_heads, a.num_kv_heads, a.head_dim, a.keys);
   require(l.tiles <= 65535 && a.num_kv_heads <= 65535, name, "too many query rows or KV heads");
   bool vec = true;
-  for (const void* p : {a.q, a.k, a.v}) vec = vec && aligned16(p);
+  for (const void* p : {a.q, a.k, a.v, a.qkv, static_cast<const void*>(a.cos), static_cast<const void*>(a.sin)})
+    vec = vec && (p == nullptr || aligned16(p));
   const dim3 grid(static_cast<unsigned>(l.splits), static_cast<unsigned>(l.tiles),
                   static_cast<unsigned>(a.num_kv_heads));
   const size_t smem = (kRowsPerTile * a.head_dim + kKeysPerBlock * (a.head_dim + kPad)) * sizeof(float);

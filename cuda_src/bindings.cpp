@@ -151,7 +151,9 @@ PYBIND11_MODULE(_kernels, m) {
       "decode_attention",
       [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t bias, uintptr_t out, uintptr_t workspace,
          int64_t workspace_floats, int64_t tokens, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
-         int64_t keys, int64_t bias_row_stride, double scale, int act_dtype, uintptr_t stream) {
+         int64_t keys, int64_t bias_row_stride, double scale, int act_dtype, uintptr_t qkv, uintptr_t cos,
+         uintptr_t sin, uintptr_t positions, int64_t max_pos, int64_t fresh_offset, int64_t cache_rows,
+         uintptr_t stream) {
         DecodeAttentionArgs a;
         a.q = ptr(q);
         a.k = ptr(k);
@@ -168,10 +170,19 @@ PYBIND11_MODULE(_kernels, m) {
         a.bias_row_stride = bias_row_stride;
         a.scale = static_cast<float>(scale);
         a.act_dtype = act_dtype;
+        a.qkv = ptr(qkv);
+        a.cos = ptr<const float>(cos);
+        a.sin = ptr<const float>(sin);
+        a.positions = ptr<const int32_t>(positions);
+        a.max_pos = max_pos;
+        a.fresh_offset = fresh_offset;
+        a.cache_rows = cache_rows;
         flashrt::decode_attention(a, stream_ptr(stream));
       },
-      py::kw_only(), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias"), py::arg("out"), py::arg("workspace"),
-      py::arg("workspace_floats"), py::arg("tokens"), py::arg("num_q_heads"), py::arg("num_kv_heads"),
-      py::arg("head_dim"), py::arg("keys"), py::arg("bias_row_stride"), py::arg("scale"), py::arg("act_dtype"),
-      py::arg("stream"));
+      "qkv != 0 selects the fused-QKV mode (launchers.h)", py::kw_only(), py::arg("q"),
+      py::arg("k"), py::arg("v"), py::arg("bias"), py::arg("out"), py::arg("workspace"), py::arg("workspace_floats"),
+      py::arg("tokens"), py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("keys"),
+      py::arg("bias_row_stride"), py::arg("scale"), py::arg("act_dtype"), py::arg("qkv") = 0, py::arg("cos") = 0,
+      py::arg("sin") = 0, py::arg("positions") = 0, py::arg("max_pos") = 0, py::arg("fresh_offset") = 0,
+      py::arg("cache_rows") = 0, py::arg("stream"));
 }

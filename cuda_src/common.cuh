@@ -140,6 +140,27 @@ struct OutStore {
   }
 };
 
+// --- RoPE (rotate-half) ---------------------------------------------------------
+
+// For a head row split in halves x1 | x2 and angle tables c, s at the token's position:
+// first half x1*c - x2*s, second half x2*c + x1*s.
+__device__ __forceinline__ float rope_first(float x1, float x2, float c, float s) { return x1 * c - x2 * s; }
+__device__ __forceinline__ float rope_second(float x1, float x2, float c, float s) { return x2 * c + x1 * s; }
+
+// cos/sin [max_pos, half] fp32 at row `pos`, elements j0.. of a chunk. A position
+// outside the table gives NaN (a kernel cannot raise; NaN makes the fault visible).
+__device__ __forceinline__ void load_rope_angles(const float* cos, const float* sin, int64_t pos, int64_t max_pos,
+                                                 int64_t half, int64_t j0, int64_t valid, bool vec,
+                                                 float (&c)[kChunk], float (&s)[kChunk]) {
+  if (pos >= 0 && pos < max_pos) {
+    load_chunk(cos + pos * half + j0, valid, vec, c);
+    load_chunk(sin + pos * half + j0, valid, vec, s);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) c[i] = s[i] = __int_as_float(0x7fc00000);
+  }
+}
+
 // --- reductions ------------------------------------------------------------------
 
 __device__ __forceinline__ float warp_sum(float v) {

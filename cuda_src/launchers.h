@@ -88,6 +88,13 @@ void images_to_patches(const uint8_t* images, void* out, int64_t views, int64_t 
 // Work split over key blocks; partial results go to `workspace` (fp32, see
 // decode_attention_workspace_floats) and are merged by the last block of each
 // (kv head, query tile), so the whole op is one launch.
+//
+// Fused-QKV mode (qkv != null): the epilogue of the fused QKV projection is folded in,
+// i.e. the launch is qkv_rope_split followed by attention over keys 0..S-1 with
+// S = fresh_offset + T. q is read from qkv [T, (Hq + 2 Hkv) * Dh] and rotated (kept in
+// fp32), keys fresh_offset.. come from qkv too (k rotated, rounded to the cache dtype),
+// and those T fresh k / v rows are also written to k/v (the caches) by the blocks of
+// query tile 0. `q` is unused; head_dim must be a multiple of 16.
 struct DecodeAttentionArgs {
   const void* q = nullptr;
   const void* k = nullptr;
@@ -104,6 +111,14 @@ struct DecodeAttentionArgs {
   int64_t bias_row_stride = 0;
   float scale = 1.f;
   int act_dtype = 0;
+  // fused-QKV mode
+  const void* qkv = nullptr;
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  const int32_t* positions = nullptr;
+  int64_t max_pos = 0;
+  int64_t fresh_offset = 0;
+  int64_t cache_rows = 0;
 };
 int64_t decode_attention_workspace_floats(int64_t tokens, int64_t num_q_heads, int64_t num_kv_heads,
                                           int64_t head_dim, int64_t keys);

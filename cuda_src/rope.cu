@@ -1,8 +1,6 @@
 // Fused QKV split + RoPE (rotate-half) + q scaling + KV-cache write, and in-place RoPE.
 // One thread per (token, head, 8-element chunk of the first half): it reads the chunk
 // and its partner in the second half, so each rotated pair is read and written once.
-#include <cmath>
-
 #include "common.cuh"
 #include "launchers.h"
 
@@ -53,20 +51,13 @@ __global__ void __launch_bounds__(kThreads) qkv_rope_kernel(const RopeKernelArgs
     load_chunk(src + c0, valid, vec, x1);
     load_chunk(src + half + c0, valid, vec, x2);
     if (rotate) {
-      const int64_t pos = a.positions[t];
       float c[kChunk];
       float s[kChunk];
-      if (pos >= 0 && pos < a.max_pos) {
-        load_chunk(a.cos + pos * half + c0, valid, vec, c);
-        load_chunk(a.sin + pos * half + c0, valid, vec, s);
-      } else {
-#pragma unroll
-        for (int i = 0; i < kChunk; ++i) c[i] = s[i] = NAN;
-      }
+      load_rope_angles(a.cos, a.sin, a.positions[t], a.max_pos, half, c0, valid, vec, c, s);
 #pragma unroll
       for (int i = 0; i < kChunk; ++i) {
-        const float r1 = x1[i] * c[i] - x2[i] * s[i];
-        const float r2 = x2[i] * c[i] + x1[i] * s[i];
+        const float r1 = rope_first(x1[i], x2[i], c[i], s[i]);
+        const float r2 = rope_second(x1[i], x2[i], c[i], s[i]);
         x1[i] = r1 * scale;
         x2[i] = r2 * scale;
       }

@@ -299,13 +299,38 @@ def test_decode_attention_per_query_bias(kernel_path_only):
     assert_close(out, kernel_path_only.decode_attention(q, k, v, bias, 0.07), torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,hq,hkv,dh,prefix", [(10, 8, 1, 256, 560), (50, 8, 1, 256, 560), (4, 16, 8, 128, 29)])
+def test_qkv_rope_attention(kernel_path_only, dtype, tokens, hq, hkv, dh, prefix):
+    cos, sin = rope_tables(1024, dh)
+    positions = torch.arange(prefix, prefix + tokens, dtype=torch.int32, device=DEV)
+    qkv = rnd(tokens, (hq + 2 * hkv) * dh, dtype=dtype)
+    cache_rows = prefix + tokens + 5
+    k_cache, v_cache = rnd(cache_rows, hkv, dh, dtype=dtype), rnd(cache_rows, hkv, dh, dtype=dtype)
+    for cache in (k_cache, v_cache):  # rows the op must write, and rows it must not read
+        cache[prefix:].fill_(float("nan"))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    bias = torch.zeros(prefix + tokens, device=DEV)
+    bias[100:140] = -float("inf")
+    workspace = ops.decode_attention_workspace((tokens, hq, dh), (prefix + tokens, hkv, dh), DEV)
+    for _ in range(2):
+        out = poisoned((tokens, hq, dh), dtype)
+        ops.qkv_rope_attention(qkv, cos, sin, positions, k_cache, v_cache, prefix, bias=bias, out=out,
+                               workspace=workspace)
+        expected = kernel_path_only.qkv_rope_attention(qkv, cos, sin, positions, k_ref, v_ref, prefix, bias)
+        assert_close(out, expected, dtype)
+        assert_close(k_cache[:prefix + tokens], k_ref[:prefix + tokens], dtype)
+        assert torch.equal(v_cache[:prefix + tokens], v_ref[:prefix + tokens])
+        assert torch.isnan(k_cache[prefix + tokens:]).all() and torch.isnan(v_cache[prefix + tokens:]).all()
+
+
 # --- composition: graphs, streams, aliasing -----------------------------------------------------
 
 
 class ExpertLayerTail:
     """A slice of the Pi0.5 expert step, all through ops with static buffers:
-    gated residual + adaRMS -> QKV split/RoPE -> decode attention -> gelu*up -> FP8 quant
-    -> running absmax."""
+    gated residual + adaRMS -> QKV split/RoPE -> decode attention (and the fused
+    qkv_rope_attention) -> gelu*up -> FP8 quant -> running absmax."""
 
     def __init__(self, dtype=torch.bfloat16, tokens=10, prefix=560):
         d, hq, dh = 1024, 8, 256
@@ -321,6 +346,7 @@ class ExpertLayerTail:
         self.y = torch.empty(tokens, d, dtype=dtype, device=DEV)
         self.q = torch.empty(tokens, hq, dh, dtype=dtype, device=DEV)
         self.attn = torch.empty(tokens, hq, dh, dtype=dtype, device=DEV)
+        self.attn_fused = torch.empty(tokens, hq, dh, dtype=dtype, device=DEV)
         self.act = torch.empty(tokens, 4096, dtype=dtype, device=DEV)
         self.act_fp8 = torch.empty(tokens, 4096, dtype=FP8, device=DEV)
         self.amax = torch.zeros(1, device=DEV)
@@ -331,12 +357,14 @@ class ExpertLayerTail:
         ops.qkv_rope_split(self.qkv, self.cos, self.sin, self.positions, self.k_cache, self.v_cache,
                            cache_offset=self.prefix, q_scale=256**-0.5, out=self.q)
         ops.decode_attention(self.q, self.k_cache, self.v_cache, scale=1.0, out=self.attn, workspace=self.workspace)
+        ops.qkv_rope_attention(self.qkv, self.cos, self.sin, self.positions, self.k_cache, self.v_cache,
+                               self.prefix, out=self.attn_fused, workspace=self.workspace)
         ops.gelu_tanh_mul(self.gate_up, out=self.act)
         ops.quantize_fp8(self.act, self.out_scale, out=self.act_fp8)
         ops.absmax(self.act, out=self.amax, accumulate=True)
 
     def outputs(self):
-        return [self.res, self.y, self.q, self.k_cache, self.v_cache, self.attn, self.act,
+        return [self.res, self.y, self.q, self.k_cache, self.v_cache, self.attn, self.attn_fused, self.act,
                 self.act_fp8.view(torch.uint8), self.amax]
 
 
@@ -372,6 +400,9 @@ def test_cuda_graph_capture_and_replay_match_eager():
         for got, want in zip(replayed, layer.outputs()):
             assert torch.equal(got, want)
         assert torch.isfinite(replayed[5].float()).all()
+        # fused == split + attention, up to q's rounding to bf16 on the split path
+        fused, split = replayed[6].double(), replayed[5].double()
+        assert float((fused - split).norm() / split.norm()) < 2e-2
 
 
 def test_kernels_run_on_the_callers_stream(kernel_path_only):

@@ -398,6 +398,30 @@ def test_decode_attention_fully_masked_row_is_nan():
     assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qkv_rope_attention_is_split_then_attention(dtype):
+    tokens, hq, hkv, dh, prefix = 4, 4, 2, 32, 13
+    cos, sin = rope_tables(64, dh)
+    positions = torch.arange(prefix, prefix + tokens, dtype=torch.int32)
+    qkv = randn(tokens, (hq + 2 * hkv) * dh, dtype=dtype)
+    k_cache, v_cache = randn(prefix + tokens + 3, hkv, dh, dtype=dtype, seed=1), randn(
+        prefix + tokens + 3, hkv, dh, dtype=dtype, seed=2)
+    untouched = k_cache[prefix + tokens:].clone()
+    bias = torch.zeros(prefix + tokens)
+    bias[5:9] = -float("inf")
+    y = ops.qkv_rope_attention(qkv, cos, sin, positions, k_cache, v_cache, prefix, bias=bias)
+    heads = qkv.view(tokens, hq + 2 * hkv, dh)
+    k_fresh = naive_rope(heads[:, hq:hq + hkv], cos, sin, positions)
+    assert rel_err(k_cache[prefix:prefix + tokens], k_fresh) < TOL[dtype]
+    assert torch.equal(v_cache[prefix:prefix + tokens], heads[:, hq + hkv:])
+    assert torch.equal(k_cache[prefix + tokens:], untouched)
+    q = naive_rope(heads[:, :hq], cos, sin, positions)
+    keys = prefix + tokens
+    expected = naive_attention(q, k_cache[:keys], v_cache[:keys], bias, dh**-0.5)
+    assert y.shape == (tokens, hq, dh) and y.dtype == dtype
+    assert rel_err(y, expected) < TOL[dtype]
+
+
 # --- dispatch -------------------------------------------------------------------------------
 
 
@@ -464,6 +488,9 @@ def _bad_calls():
         ("decode_attention", lambda: ops.decode_attention(randn(2, 3, 8), randn(5, 2, 8), randn(5, 2, 8)), "Hkv | Hq"),
         ("decode_attention", lambda: ops.decode_attention(randn(2, 2, 8), randn(5, 1, 8), randn(5, 1, 8),
                                                           bias=torch.zeros(3, 5)), "bias has shape"),
+        ("qkv_rope_attention", lambda: ops.qkv_rope_attention(randn(2, 32), cos, sin, pos, torch.zeros(4, 1, 8),
+                                                              torch.zeros(4, 1, 8), 1, bias=torch.zeros(4)),
+         r"bias has shape \(4,\), expected \(2, 3\)"),
     ]
 
 

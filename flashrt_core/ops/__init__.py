@@ -306,11 +306,8 @@ def rope(x, cos, sin, positions):
     return x
 
 
-def qkv_rope_split(qkv, cos, sin, positions, k_cache, v_cache, cache_offset=0, q_scale=1.0, out=None):
-    """Fused-QKV epilogue: qkv [T, (Hq + 2 Hkv) * Dh] -> q [T, Hq, Dh] (RoPE, times
-    q_scale; returned or written to `out`); k (RoPE) and v written in place into
-    k_cache / v_cache [S_max, Hkv, Dh] at rows cache_offset .. cache_offset + T."""
-    op = "qkv_rope_split"
+def _check_qkv(op, qkv, cos, sin, positions, k_cache, v_cache, cache_offset):
+    """Shapes of a fused QKV output and its KV cache; returns (T, Hq, Hkv, Dh, cache rows)."""
     _check_tensor(op, "qkv", qkv, ndim=2)
     _check_tensor(op, "k_cache", k_cache, ndim=3)
     _check_shape(op, "v_cache", v_cache, k_cache.shape)
@@ -321,15 +318,22 @@ def qkv_rope_split(qkv, cos, sin, positions, k_cache, v_cache, cache_offset=0, q
     cache_rows, num_kv_heads, head_dim = k_cache.shape
     if width % head_dim or width // head_dim <= 2 * num_kv_heads:
         _fail(op, f"qkv width {width} is not (Hq + 2 * {num_kv_heads}) * {head_dim} with Hq >= 1")
-    num_q_heads = width // head_dim - 2 * num_kv_heads
     if not 0 <= cache_offset <= cache_rows - tokens:
         _fail(op, f"cache rows {cache_offset}..{cache_offset + tokens} exceed the cache ({cache_rows} rows)")
     _check_rope_tables(op, cos, sin, positions, tokens, head_dim)
+    _check_same_device(op, qkv, cos=cos, sin=sin, positions=positions, k_cache=k_cache, v_cache=v_cache)
+    return tokens, width // head_dim - 2 * num_kv_heads, num_kv_heads, head_dim, cache_rows
+
+
+def qkv_rope_split(qkv, cos, sin, positions, k_cache, v_cache, cache_offset=0, q_scale=1.0, out=None):
+    """Fused-QKV epilogue: qkv [T, (Hq + 2 Hkv) * Dh] -> q [T, Hq, Dh] (RoPE, times
+    q_scale; returned or written to `out`); k (RoPE) and v written in place into
+    k_cache / v_cache [S_max, Hkv, Dh] at rows cache_offset .. cache_offset + T."""
+    op = "qkv_rope_split"
+    tokens, num_q_heads, num_kv_heads, head_dim, cache_rows = _check_qkv(
+        op, qkv, cos, sin, positions, k_cache, v_cache, cache_offset)
     q_shape = (tokens, num_q_heads, head_dim)
-    if out is not None:
-        _check_tensor(op, "out", out, (qkv.dtype,))
-        _check_shape(op, "out", out, q_shape)
-    _check_same_device(op, qkv, cos=cos, sin=sin, positions=positions, k_cache=k_cache, v_cache=v_cache, out=out)
+    _check_out_like(op, qkv, out, q_shape)
     if not (qkv.dtype in KERNEL_FLOATS and _use_kernel(qkv, cos, sin, positions, k_cache, v_cache, out)):
         return reference.qkv_rope_split(qkv, cos, sin, positions, k_cache, v_cache, cache_offset, q_scale, out)
     q = _new_out(out, q_shape, qkv.dtype, qkv.device)
@@ -439,6 +443,37 @@ def decode_attention_workspace(q_shape, kv_shape, device) -> torch.Tensor:
     return torch.zeros(floats, dtype=torch.float32, device=device)
 
 
+def _check_out_like(op, like, out, shape):
+    if out is not None:
+        _check_tensor(op, "out", out, (like.dtype,))
+        _check_shape(op, "out", out, shape)
+        _check_same_device(op, like, out=out)
+
+
+def _check_bias(op, like, bias, tokens, keys):
+    if bias is not None:
+        _check_tensor(op, "bias", bias, (torch.float32,))
+        if tuple(bias.shape) not in ((tokens, keys), (keys,)):
+            _fail(op, f"bias has shape {tuple(bias.shape)}, expected ({tokens}, {keys}) or ({keys},)")
+        _check_same_device(op, like, bias=bias)
+
+
+def _attention_kernel_ok(dtype, head_dim, multiple, *tensors) -> bool:
+    return (dtype in KERNEL_FLOATS and head_dim % multiple == 0 and head_dim <= MAX_DECODE_HEAD_DIM
+            and _use_kernel(*tensors))
+
+
+def _launch_attention(like, out_shape, out, workspace, ws_shapes, **kwargs):
+    if workspace is None:
+        workspace = decode_attention_workspace(*ws_shapes, like.device)
+    _check_tensor("decode_attention", "workspace", workspace, (torch.float32,), ndim=1)
+    _check_same_device("decode_attention", like, workspace=workspace)
+    y = _new_out(out, out_shape, like.dtype, like.device)
+    _launch(kernels.module().decode_attention, like.device, out=y.data_ptr(), workspace=workspace.data_ptr(),
+            workspace_floats=workspace.numel(), act_dtype=_code(like), **kwargs)
+    return y
+
+
 def decode_attention(q, k, v, bias=None, scale=None, out=None, workspace=None):
     """softmax(q k^T * scale + bias) v for few query tokens against cached keys:
     q [T, Hq, Dh], k/v [S, Hkv, Dh] (Hq a multiple of Hkv; query head h reads KV head
@@ -456,32 +491,46 @@ def decode_attention(q, k, v, bias=None, scale=None, out=None, workspace=None):
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             _fail(op, f"{name} has dtype {t.dtype}, expected q's {q.dtype}")
-    if bias is not None:
-        _check_tensor(op, "bias", bias, (torch.float32,))
-        if tuple(bias.shape) not in ((tokens, keys), (keys,)):
-            _fail(op, f"bias has shape {tuple(bias.shape)}, expected ({tokens}, {keys}) or ({keys},)")
-    if out is not None:
-        _check_tensor(op, "out", out, (q.dtype,))
-        _check_shape(op, "out", out, q.shape)
-    _check_same_device(op, q, k=k, v=v, bias=bias, out=out, workspace=workspace)
+    _check_same_device(op, q, k=k, v=v)
+    _check_bias(op, q, bias, tokens, keys)
+    _check_out_like(op, q, out, q.shape)
     scale = head_dim**-0.5 if scale is None else float(scale)
-    kernel_ok = (
-        q.dtype in KERNEL_FLOATS
-        and head_dim % 8 == 0
-        and head_dim <= MAX_DECODE_HEAD_DIM
-        and _use_kernel(q, k, v, bias, out, workspace)
-    )
-    if not kernel_ok:
+    if not _attention_kernel_ok(q.dtype, head_dim, 8, q, k, v, bias, out, workspace):
         return reference.decode_attention(q, k, v, bias, scale, out)
-    if workspace is None:
-        workspace = decode_attention_workspace(q.shape, k.shape, q.device)
-    _check_tensor(op, "workspace", workspace, (torch.float32,), ndim=1)
-    y = _new_out(out, q.shape, q.dtype, q.device)
-    _launch(kernels.module().decode_attention, q.device, q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(),
-            bias=_ptr(bias), out=y.data_ptr(), workspace=workspace.data_ptr(), workspace_floats=workspace.numel(),
-            tokens=tokens, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, keys=keys,
-            bias_row_stride=keys if bias is not None and bias.dim() == 2 else 0, scale=scale, act_dtype=_code(q))
-    return y
+    return _launch_attention(
+        q, q.shape, out, workspace, (q.shape, k.shape),
+        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), bias=_ptr(bias), tokens=tokens, num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, keys=keys,
+        bias_row_stride=keys if bias is not None and bias.dim() == 2 else 0, scale=scale)
+
+
+def qkv_rope_attention(qkv, cos, sin, positions, k_cache, v_cache, cache_offset, bias=None, scale=None, out=None,
+                       workspace=None):
+    """Attention of the action-expert step straight from the fused QKV projection, one
+    launch: qkv_rope_split (k, v rows written into the caches at cache_offset..) then
+    decode_attention of the rotated q (kept in fp32) against cache rows
+    0 .. cache_offset + T. bias fp32 [T, S] or [S] with S = cache_offset + T; scale
+    default Dh^-0.5. Returns / writes `out` [T, Hq, Dh]. The workspace is
+    decode_attention_workspace((T, Hq, Dh), (S, Hkv, Dh), device)."""
+    op = "qkv_rope_attention"
+    tokens, num_q_heads, num_kv_heads, head_dim, cache_rows = _check_qkv(
+        op, qkv, cos, sin, positions, k_cache, v_cache, cache_offset)
+    keys = cache_offset + tokens
+    _check_bias(op, qkv, bias, tokens, keys)
+    out_shape = (tokens, num_q_heads, head_dim)
+    _check_out_like(op, qkv, out, out_shape)
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    if not _attention_kernel_ok(qkv.dtype, head_dim, 16, qkv, cos, sin, positions, k_cache, v_cache, bias, out,
+                                workspace):
+        return reference.qkv_rope_attention(qkv, cos, sin, positions, k_cache, v_cache, cache_offset, bias, scale,
+                                            out)
+    return _launch_attention(
+        qkv, out_shape, out, workspace, (out_shape, (keys, num_kv_heads, head_dim)),
+        q=0, k=k_cache.data_ptr(), v=v_cache.data_ptr(), bias=_ptr(bias), tokens=tokens, num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, keys=keys,
+        bias_row_stride=keys if bias is not None and bias.dim() == 2 else 0, scale=scale, qkv=qkv.data_ptr(),
+        cos=cos.data_ptr(), sin=sin.data_ptr(), positions=positions.data_ptr(), max_pos=cos.shape[0],
+        fresh_offset=int(cache_offset), cache_rows=cache_rows)
 
 
 __all__ = [
@@ -501,6 +550,7 @@ __all__ = [
     "images_to_patches",
     "kernels_enabled",
     "layer_norm",
+    "qkv_rope_attention",
     "qkv_rope_split",
     "quantize_fp8",
     "reference",

@@ -206,22 +206,44 @@ def images_to_patches(images, patch=14, dtype=torch.bfloat16, out=None):
     return _emit(y, dtype if out is None else out.dtype, out, None)
 
 
+def _attention(qf, kf, vf, bias, scale):
+    """softmax(q k^T * scale + bias) v in math precision; q [T, Hq, Dh], k/v [S, Hkv, Dh]."""
+    group = qf.shape[1] // kf.shape[1]
+    qh = qf.permute(1, 0, 2)  # [Hq, T, Dh]
+    kh = kf.permute(1, 0, 2).repeat_interleave(group, dim=0)  # [Hq, S, Dh]
+    vh = vf.permute(1, 0, 2).repeat_interleave(group, dim=0)
+    scores = qh @ kh.transpose(1, 2) * scale
+    if bias is not None:
+        scores = scores + _math(bias)
+    return (torch.softmax(scores, dim=-1) @ vh).permute(1, 0, 2)
+
+
 def decode_attention(q, k, v, bias=None, scale=None, out=None, workspace=None):
     """softmax(q k^T * scale + bias) v per query head; q [T, Hq, Dh], k/v [S, Hkv, Dh]
     (query head h reads KV head h // (Hq / Hkv)); bias fp32 [T, S] or [S] (additive,
     -inf masks); scale defaults to Dh^-0.5. `workspace` is the kernel's; unused here."""
     del workspace
-    tokens, num_q_heads, head_dim = q.shape
-    group = num_q_heads // k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    y = _attention(_math(q), _math(k), _math(v), bias, scale)
+    return _emit(y, q.dtype if out is None else out.dtype, out, None)
+
+
+def qkv_rope_attention(qkv, cos, sin, positions, k_cache, v_cache, cache_offset, bias=None, scale=None, out=None,
+                       workspace=None):
+    """The expert step's attention from the fused QKV projection in one op: as
+    qkv_rope_split (k, v rows written to the caches at cache_offset..) followed by
+    decode_attention of the rotated q against cache rows 0 .. cache_offset + T, except
+    that q stays in math precision (never rounded to the activation dtype)."""
+    del workspace
+    qkv_rope_split(qkv, cos, sin, positions, k_cache, v_cache, cache_offset)
+    tokens, head_dim = qkv.shape[0], k_cache.shape[2]
+    heads = _math(qkv).view(tokens, -1, head_dim)
+    q = heads[:, : heads.shape[1] - 2 * k_cache.shape[1]]
+    q = _rotate(q, *_tables(cos, sin, positions))
+    keys = cache_offset + tokens
     scale = head_dim**-0.5 if scale is None else scale
-    qf = _math(q).permute(1, 0, 2)  # [Hq, T, Dh]
-    kf = _math(k).permute(1, 0, 2).repeat_interleave(group, dim=0)  # [Hq, S, Dh]
-    vf = _math(v).permute(1, 0, 2).repeat_interleave(group, dim=0)
-    scores = qf @ kf.transpose(1, 2) * scale
-    if bias is not None:
-        scores = scores + _math(bias)
-    y = torch.softmax(scores, dim=-1) @ vf  # [Hq, T, Dh]
-    return _emit(y.permute(1, 0, 2), q.dtype if out is None else out.dtype, out, None)
+    y = _attention(q, _math(k_cache[:keys]), _math(v_cache[:keys]), bias, scale)
+    return _emit(y, qkv.dtype if out is None else out.dtype, out, None)
 
 
 __all__ = [
@@ -241,6 +263,7 @@ __all__ = [
     "layer_norm",
     "output_dtype",
     "pixel_values",
+    "qkv_rope_attention",
     "qkv_rope_split",
     "quantize_fp8",
     "rms_norm",
