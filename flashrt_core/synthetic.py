@@ -6,7 +6,7 @@ tokenizer) with random weights, for tests, the built-in demo and GPU timing.
 - size "tiny": SigLIP width 32 x 2 layers, Gemma width 64 x 2 (2 heads, 1 kv head, head_dim 16),
   expert width 32, vocab of the bundled tokenizer (512); about 0.3 MB, fp32.
 - size "full": So400m/14 + gemma_2b + gemma_300m, vocab 257152, written bf16 (as openpi's
-  converter writes by default): about 7.3 GB for pi05 (7.4 GB pi0), in shards generated one
+  converter writes by default): about 6.7 GB for pi05 (6.5 GB pi0), in shards generated one
   at a time, so peak memory stays near one shard.
 - layout "openpi": canonical names, openpi config.json, `assets/synthetic/norm_stats.json`.
   layout "lerobot": names under `model.`, LeRobot config.json (features, chunk_size, ...)
@@ -87,20 +87,23 @@ def _stored_names(config: PiConfig, layout: str, tied_embedding: bool) -> dict[s
     return names
 
 
-def _write_weights(path: Path, config: PiConfig, seed: int, names: dict[str, str], dtype: torch.dtype,
-                   max_shard_bytes: int | None) -> None:
-    shapes = expected_shapes(config)
-    itemsize = torch.finfo(dtype).bits // 8
+def plan_shards(sizes: dict[str, int], max_shard_bytes: int | None) -> list[list[str]]:
+    """Consecutive groups of tensor names, each under max_shard_bytes (unless one tensor is larger)."""
     shards, current, current_bytes = [], [], 0
-    for name in names:
-        nbytes = math.prod(shapes[name]) * itemsize
+    for name, nbytes in sizes.items():
         if current and max_shard_bytes and current_bytes + nbytes > max_shard_bytes:
             shards.append(current)
             current, current_bytes = [], 0
         current.append(name)
         current_bytes += nbytes
-    shards.append(current)
+    return shards + [current]
 
+
+def _write_weights(path: Path, config: PiConfig, seed: int, names: dict[str, str], dtype: torch.dtype,
+                   max_shard_bytes: int | None) -> None:
+    shapes = expected_shapes(config)
+    itemsize = torch.finfo(dtype).bits // 8
+    shards = plan_shards({name: math.prod(shapes[name]) * itemsize for name in names}, max_shard_bytes)
     gen = torch.Generator().manual_seed(seed)  # one stream over the sorted names: layout-independent
     files = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]

@@ -203,7 +203,9 @@ class PiModel(nn.Module):
         params = {}
         for name, tensor in state_dict.items():
             module_name = cls.module_name(name)
-            params[module_name] = tensor.to(device=device, dtype=cls.param_dtype(module_name, dtype))
+            # Always a fresh allocation: file-backed tensors can be misaligned, and the CPU
+            # kernels then take other code paths (last-bit differences between loads).
+            params[module_name] = tensor.to(device=device, dtype=cls.param_dtype(module_name, dtype), copy=True)
         model.load_state_dict(params, strict=True, assign=True)
         return model.eval()
 

@@ -1,0 +1,199 @@
+"""Policy: a loaded Pi0 / Pi0.5 checkpoint behind `predict(images, state, prompt)`.
+
+Host-side work lives here (input checks, resize, state normalization, tokenization,
+noise, action un-normalization); the model forward is a backend with the
+`sample_actions(images, image_mask, tokens, token_mask, state, noise)` signature of
+docs/ARCHITECTURE.md: "reference" = models.pi0.PiModel (eager PyTorch, any device),
+"graph" = runtime.pi0_graph.PiGraphRuntime (CUDA graphs + fused kernels).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_state_dict, read_checkpoint
+from .errors import CheckpointError, DeviceError, FlashRTError, InputError, OutOfMemoryError, StateError
+from .images import prepare_images
+from .models.pi0 import PiModel
+from .normalization import load_norm_stats
+from .tokenizer import PromptTokenizer, load_text_tokenizer
+from .types import PolicyResult, PolicySpec
+
+log = logging.getLogger(__name__)
+
+OPENPI_NUM_VIEWS = 3  # base_0_rgb, left_wrist_0_rgb, right_wrist_0_rgb
+# On the CPU a model this small runs single-threaded: its ops are too small to split, and
+# intra-op threads only add synchronization, which on a busy 2-core machine costs ~10x.
+SINGLE_THREAD_MAX_PARAMS = 50_000_000
+PRECISIONS = ("fp32", "bf16", "fp8")
+_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise DeviceError(f"unknown device {device!r}") from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise DeviceError(f"unknown precision {precision!r}; expected auto or one of {PRECISIONS}")
+    return precision
+
+
+def graph_runtime_class():
+    """The fast runtime, or None where it is not importable (not built, no CUDA code)."""
+    try:
+        from .runtime.pi0_graph import PiGraphRuntime
+    except ImportError:
+        return None
+    return PiGraphRuntime
+
+
+def select_backend(backend: str, device: torch.device, precision: str) -> str:
+    """"auto": the graph runtime on CUDA when it is importable, else the reference model."""
+    if backend == "auto":
+        backend = "graph" if device.type == "cuda" and graph_runtime_class() is not None else "reference"
+    if backend == "graph" and graph_runtime_class() is None:
+        raise DeviceError("the graph backend (flashrt_core.runtime.pi0_graph) is not available")
+    if backend == "reference" and precision not in _TORCH_DTYPES:
+        raise DeviceError(f"precision {precision} needs the graph backend; the reference runs fp32 or bf16")
+    if backend not in ("reference", "graph"):
+        raise DeviceError(f"unknown backend {backend!r}; expected auto, reference or graph")
+    return backend
+
+
+def build_backend(name: str, config, weights, device: torch.device, precision: str):
+    try:
+        if name == "graph":
+            return graph_runtime_class().from_state_dict(config, weights, device=device, precision=precision)
+        return PiModel.from_state_dict(config, weights, device=device, dtype=_TORCH_DTYPES[precision])
+    except torch.OutOfMemoryError as e:
+        free, total = torch.cuda.mem_get_info(device)
+        raise OutOfMemoryError(f"not enough GPU memory for the {name} backend ({free / 1e9:.1f} of "
+                               f"{total / 1e9:.1f} GB free): {e}") from e
+
+
+class Policy:
+    def __init__(self, checkpoint, model: str | None = None, device: str = "auto", precision: str = "auto",
+                 num_views: int | None = None, num_steps: int | None = None, backend: str = "auto",
+                 norm_stats_asset: str | None = None):
+        path = Path(checkpoint)
+        info = read_checkpoint(path, model)
+        config = info.config if num_steps is None else replace(info.config, num_steps=int(num_steps))
+        self.config = config
+        self.device = resolve_device(device)
+        precision = resolve_precision(precision, self.device)
+        backend = select_backend(backend, self.device, precision)
+
+        self.norm = load_norm_stats(path, config.norm_mode, norm_stats_asset)
+        state_dim = self.norm.state.dim or info.state_dim or config.state_dim
+        action_dim = self.norm.actions.dim or info.action_dim or config.action_dim
+        if state_dim > config.state_dim or action_dim > config.action_dim:
+            raise CheckpointError(
+                f"norm stats ({self.norm.source}) are wider (state {state_dim}, actions {action_dim}) than the "
+                f"model (state {config.state_dim}, actions {config.action_dim})")
+        if num_views is None:
+            num_views = len(info.camera_names) if info.camera_names else OPENPI_NUM_VIEWS
+        if num_views < 1:
+            raise InputError(f"num_views must be >= 1, got {num_views}")
+        self.tokenizer = PromptTokenizer(load_text_tokenizer(path), config.max_token_len,
+                                         config.discrete_state_input)
+
+        weights = load_state_dict(path, config)
+        self._backend = build_backend(backend, config, weights, self.device, precision)
+        if self.device.type == "cpu" and sum(t.numel() for t in weights.values()) < SINGLE_THREAD_MAX_PARAMS:
+            torch.set_num_threads(1)
+        del weights
+        self._generator = torch.Generator().manual_seed(int(np.random.SeedSequence().entropy % 2**63))
+        self.spec = PolicySpec(
+            model=config.variant, num_views=num_views, image_size=(config.vision.image_size,) * 2,
+            state_dim=state_dim, action_dim=action_dim, action_horizon=config.action_horizon,
+            num_steps=config.num_steps, max_prompt_tokens=config.max_token_len, device=str(self.device),
+            precision=precision, backend=backend)
+        log.info("loaded %s from %s: %s backend, %s, %s; norm stats %s", config.variant, path, backend,
+                 self.device, precision, self.norm.source)
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def _state(self, state) -> np.ndarray:
+        try:
+            state = np.asarray(state, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise StateError(f"state must be a numeric vector: {e}") from e
+        if state.shape != (self.spec.state_dim,):
+            raise StateError(f"state must have shape ({self.spec.state_dim},), got {state.shape}")
+        if not np.isfinite(state).all():
+            raise StateError(f"state has non-finite values at {np.flatnonzero(~np.isfinite(state)).tolist()}")
+        return state
+
+    def _noise(self, noise, seed) -> torch.Tensor:
+        shape = (self.config.action_horizon, self.config.action_dim)
+        if noise is None:
+            generator = self._generator if seed is None else torch.Generator().manual_seed(int(seed))
+            return torch.randn(shape, generator=generator, dtype=torch.float32)
+        noise = np.asarray(noise, dtype=np.float32)
+        if noise.shape != shape:
+            raise InputError(f"noise must have shape {shape}, got {noise.shape}")
+        if not np.isfinite(noise).all():
+            raise InputError("noise has non-finite values")
+        return torch.from_numpy(noise.copy())
+
+    # -- API -------------------------------------------------------------------------------
+
+    def predict(self, images, state, prompt, noise=None, seed=None) -> PolicyResult:
+        """images: num_views HxWx3 uint8 RGB arrays (None = missing camera); state: robot units;
+        noise [horizon, padded action_dim] or seed for a reproducible sample."""
+        if self._backend is None:
+            raise FlashRTError("policy is closed")
+        start = time.perf_counter()
+        batch, view_mask = prepare_images(images, self.spec.num_views, self.config.vision.image_size)
+        state = self.norm.state.normalize(self._state(state))
+        prompt = self.tokenizer.tokenize(prompt, state)
+        padded_state = np.zeros(self.config.state_dim, dtype=np.float32)
+        padded_state[:state.shape[0]] = state
+        noise = self._noise(noise, seed)
+        prepared = time.perf_counter()
+
+        actions = self._backend.sample_actions(
+            torch.from_numpy(batch), torch.from_numpy(view_mask), torch.from_numpy(prompt.tokens),
+            torch.from_numpy(prompt.mask), torch.from_numpy(padded_state), noise).cpu().numpy()
+        inferred = time.perf_counter()
+
+        actions = self.norm.actions.unnormalize(actions)[:, :self.spec.action_dim].astype(np.float32)
+        done = time.perf_counter()
+        timing = {"preprocess": prepared - start, "model": inferred - prepared, "postprocess": done - inferred,
+                  "total": done - start}
+        return PolicyResult(actions, timing, prompt.num_tokens, prompt.truncated)
+
+    def close(self) -> None:
+        """Drop the backend and give its device memory back."""
+        self._backend = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def load_policy(checkpoint, **options) -> Policy:
+    """Load a Pi0 / Pi0.5 checkpoint directory (openpi or LeRobot layout).
+
+    options (all optional): model "pi0" | "pi05" (else from config.json / the weights),
+    device "auto" | "cpu" | "cuda[:N]", precision "auto" | "fp32" | "bf16" | "fp8",
+    num_views (else the checkpoint's cameras, or openpi's 3), num_steps (else the config's),
+    backend "auto" | "reference" | "graph", norm_stats_asset (openpi assets/<id> to use)."""
+    return Policy(checkpoint, **options)
