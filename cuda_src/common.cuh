@@ -80,6 +80,12 @@ __device__ __forceinline__ void load_chunk_dyn(const void* p, int dtype, int64_t
   }
 }
 
+// Asks L2 for the 128-byte line holding p (no register, no wait): per-feature vectors
+// needed after a row reduction arrive meanwhile instead of after it.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 // --- chunk stores ----------------------------------------------------------------
 
 template <typename T>

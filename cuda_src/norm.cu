@@ -28,6 +28,12 @@ __global__ void __launch_bounds__(kMaxThreads) row_norm_kernel(const RowNormKern
   const T* __restrict__ x = static_cast<const T*>(a.x) + row_off;
   T* __restrict__ res = a.residual ? static_cast<T*>(a.residual) + row_off : nullptr;
 
+  if (a.out != nullptr && static_cast<int64_t>(threadIdx.x) * kChunk < D) {
+    const int64_t c0 = static_cast<int64_t>(threadIdx.x) * kChunk;
+    for (const void* p : {a.weight, a.mod_scale, a.shift})
+      if (p != nullptr) prefetch_l2(dyn_at(p, a.param_dtype, c0));
+  }
+
   float h[kMaxChunksPerThread][kChunk];
   float acc = 0.f;
 #pragma unroll
