@@ -80,9 +80,12 @@ touch "$VENV/COLCON_IGNORE" .cache/COLCON_IGNORE   # not ROS packages of this wo
 PY="$VENV/bin/python"
 
 # --- Python packages ---------------------------------------------------------------
-keep=()   # packages the interpreter already has and that must not be shadowed
+# Packages the interpreter already has that must stay as they are: a CUDA torch, and
+# a real ROS install's numpy (its message modules are compiled against it). They are
+# left out of the install and pinned, so no other package's dependency replaces them.
+keep=()
 has_cuda_torch "$PY" && keep+=(torch)
-[ "$ROS_PREFIX" != "$VENV" ] && keep+=(numpy)
+if [ "$ROS_PREFIX" != "$VENV" ] && "$PY" -c 'import numpy' 2>/dev/null; then keep+=(numpy); fi
 req_files=(requirements/engine.txt)
 if [ "$ROS_PREFIX" = "$VENV" ]; then
   req_files+=(requirements/ros.txt requirements/colcon.txt)
@@ -90,18 +93,21 @@ elif ! command -v colcon >/dev/null; then
   req_files+=(requirements/colcon.txt)
 fi
 requirements="$(cat "${req_files[@]}" | sed 's/#.*//; /^[[:space:]]*$/d')"
-if [ ${#keep[@]} -gt 0 ]; then
-  keep_re="$(IFS='|'; echo "${keep[*]}")"
-  requirements="$(grep -Ev "^($keep_re)([=<>~!\[ ]|$)" <<<"$requirements")"
-fi
-stamp="$(printf '%s\n%s\n%s\n%s\n' "$requirements" "$ROS_PREFIX" "$("$PY" -V 2>&1)" \
-         "${FLASHRT_PIP_ARGS:-}" | sha)"
+pins=""
+for name in "${keep[@]}"; do
+  requirements="$(grep -Ev "^$name([=<>~!\[ ]|$)" <<<"$requirements")"
+  pins+="$name==$("$PY" -c "import $name; print($name.__version__)")"$'\n'
+done
+stamp="$(printf '%s\n%s\n%s\n%s\n%s\n' "$requirements" "$pins" "$ROS_PREFIX" \
+         "$("$PY" -V 2>&1)" "${FLASHRT_PIP_ARGS:-}" | sha)"
 if [ "$(cat "$VENV/flashrt-requirements.stamp" 2>/dev/null)" != "$stamp" ]; then
   say "installing Python packages (${req_files[*]}${keep[*]:+; keeping installed ${keep[*]}})"
-  req_tmp="$(mktemp)"; trap 'rm -f "$req_tmp"' EXIT
-  echo "$requirements" >"$req_tmp"
+  pip_dir="$(mktemp -d)"; trap 'rm -rf "$pip_dir"' EXIT
+  echo "$requirements" >"$pip_dir/requirements.txt"
+  printf '%s' "$pins" >"$pip_dir/constraints.txt"
   # shellcheck disable=SC2086
-  "$PY" -m pip install -q --disable-pip-version-check ${FLASHRT_PIP_ARGS:-} -r "$req_tmp" 2>&1 \
+  "$PY" -m pip install -q --disable-pip-version-check ${FLASHRT_PIP_ARGS:-} \
+      -r "$pip_dir/requirements.txt" -c "$pip_dir/constraints.txt" 2>&1 \
     | { grep -v "is ignored: it is neither a file nor a directory" || true; }
   echo "$stamp" >"$VENV/flashrt-requirements.stamp"
 else
