@@ -66,15 +66,37 @@ def synthetic_config(model: str, size: str) -> PiConfig:
 
 def random_tensor(name: str, shape, gen: torch.Generator) -> torch.Tensor:
     """Random but well-scaled: weights N(0, 1/fan_in), RMSNorm (1+w) offsets and biases small,
-    LayerNorm scales around 1, adaRMS biases O(1) so scale/shift/gate all act."""
+    LayerNorm scales around 1, adaRMS biases O(1) so scale/shift/gate all act.
+    Drawn on the generator's device."""
     if len(shape) >= 2:
-        return torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
-    x = torch.randn(shape, generator=gen)
+        return torch.randn(shape, generator=gen, device=gen.device) / math.sqrt(math.prod(shape[1:]))
+    x = torch.randn(shape, generator=gen, device=gen.device)
     if "layer_norm" in name or "post_layernorm" in name:
         return 1 + 0.1 * x if name.endswith("weight") else 0.02 * x
     if ".dense." in name:
         return 0.5 * x
     return 0.1 * x if "norm" in name else 0.02 * x
+
+
+def random_state_dict(config: PiConfig, seed: int = 0, device="cpu", dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """The canonical weight dict of `config` with random weights, made directly on `device`
+    (GPU timing and tests at full size without writing ~7 GB to disk)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return {name: random_tensor(name, shape, gen).to(dtype) for name, shape in sorted(expected_shapes(config).items())}
+
+
+def random_observation(config: PiConfig, views: int, prompt_tokens: int, seed: int = 0, view_mask=None):
+    """Random backend inputs in `sample_actions` order: uint8 images [V, S, S, 3], view mask,
+    tokens right-padded to max_token_len with `prompt_tokens` valid, state, noise."""
+    gen = torch.Generator().manual_seed(seed)
+    size = config.vision.image_size
+    images = torch.randint(0, 256, (views, size, size, 3), dtype=torch.uint8, generator=gen)
+    tokens = torch.randint(1, config.vlm.vocab_size, (config.max_token_len,), generator=gen)
+    token_mask = torch.arange(config.max_token_len) < prompt_tokens
+    mask = torch.ones(views, dtype=torch.bool) if view_mask is None else torch.tensor(view_mask, dtype=torch.bool)
+    state = torch.randn(config.state_dim, generator=gen)
+    noise = torch.randn(config.action_horizon, config.action_dim, generator=gen)
+    return images, mask, tokens, token_mask, state, noise
 
 
 def _stored_names(config: PiConfig, layout: str, tied_embedding: bool) -> dict[str, str]:

@@ -1,0 +1,167 @@
+"""Pi0 / Pi0.5 on the GPU: graph runtime vs the eager reference, full-size random weights.
+
+For each model x action horizon x views x precision it prints graph-replay p50/p90, the
+backend call p50 (host staging + replay + copy back + sync), the roofline fraction, peak
+GPU memory, the eager PyTorch reference (PiModel, bf16) in the same run and the speedup,
+and the cosine of the fast path's actions to the fp32 reference on the same noise.
+
+    python bench/pi_runtime.py --models pi05 pi0 --views 1 2 3 --horizons 10 50 --json out.json
+
+Floors (DESIGN.md §5, measured H100 ceilings): the prefix is compute-bound
+(FLOPs / 790 TFLOP/s bf16, 1480 fp8) and every flow step must read the expert weights once
+(bytes / 3.0 TB/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flashrt_core import synthetic  # noqa: E402
+from flashrt_core.models.pi0 import PiConfig, PiModel  # noqa: E402
+from flashrt_core.runtime.pi0_graph import PiGraphRuntime  # noqa: E402
+
+MATMUL_FLOPS = {"bf16": 790e12, "fp8": 1480e12}
+COPY_BYTES_PER_S = 3.0e12
+WEIGHT_BYTES = {"bf16": 2, "fp8": 1}
+
+
+def prefix_flops(config: PiConfig, views: int, prompt_tokens: int) -> float:
+    """Matmul FLOPs of SigLIP + projector + Gemma prefix (2 per multiply-add)."""
+    vc, gc = config.vision, config.vlm
+    n_img = views * vc.num_patches
+    vision = 2 * n_img * (3 * vc.patch_size**2 * vc.width
+                          + vc.depth * (4 * vc.width**2 + 2 * vc.width * vc.mlp_dim)
+                          + 2 * vc.num_patches * vc.width * vc.depth)  # attention scores + values
+    vision += 2 * n_img * vc.width * gc.width
+    n = n_img + prompt_tokens
+    qkv = (gc.num_heads + 2 * gc.num_kv_heads) * gc.head_dim
+    per_layer = 2 * n * (gc.width * qkv + gc.num_heads * gc.head_dim * gc.width + 3 * gc.width * gc.mlp_dim)
+    per_layer += 4 * n * n * gc.num_heads * gc.head_dim
+    return vision + gc.depth * per_layer
+
+
+def expert_weight_bytes(config: PiConfig, precision: str) -> float:
+    ec = config.expert
+    qkv = (ec.num_heads + 2 * ec.num_kv_heads) * ec.head_dim
+    per_layer = ec.width * qkv + ec.num_heads * ec.head_dim * ec.width + 3 * ec.width * ec.mlp_dim
+    return ec.depth * per_layer * WEIGHT_BYTES[precision]
+
+
+def floor_ms(config: PiConfig, views: int, prompt_tokens: int, precision: str) -> float:
+    compute = prefix_flops(config, views, prompt_tokens) / MATMUL_FLOPS[precision]
+    weights = config.num_steps * expert_weight_bytes(config, precision) / COPY_BYTES_PER_S
+    return 1e3 * (compute + weights)
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def time_replays(graph, iters: int) -> list[float]:
+    """Per-replay ms from CUDA events around each replay."""
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def time_calls(fn, iters: int) -> list[float]:
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(1e3 * (time.perf_counter() - start))
+    return times
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), 0).item()
+
+
+def run(args) -> list[dict]:
+    device = torch.device("cuda")
+    rows = []
+    for model in args.models:
+        for horizon in args.horizons:
+            config = replace(PiConfig(variant=model), action_horizon=horizon, num_steps=args.steps)
+            print(f"== {model} horizon {horizon}: random full-size weights", flush=True)
+            weights = synthetic.random_state_dict(config, seed=0, device=device, dtype=torch.bfloat16)
+            reference32 = PiModel.from_state_dict(config, weights, device=device, dtype=torch.float32)
+            eager = PiModel.from_state_dict(config, weights, device=device, dtype=torch.bfloat16)
+            for precision in args.precisions:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                fast = PiGraphRuntime.from_state_dict(config, weights, device=device, precision=precision)
+                for views in args.views:
+                    obs = synthetic.random_observation(config, views, args.prompt_tokens, seed=views)
+                    fast.sample_actions(*obs)  # captures this bucket
+                    actions = fast.sample_actions(*obs)
+                    session = fast._session(views)
+                    graph = session.graphs[fast._bucket(args.prompt_tokens)]
+                    replay = time_replays(graph, args.iters)
+                    call = time_calls(lambda: fast.sample_actions(*obs), args.iters)
+                    eager_ms = time_calls(lambda: eager.sample_actions(*obs), args.eager_iters)
+                    reference = reference32.sample_actions(*obs).cpu()
+                    floor = floor_ms(config, views, args.prompt_tokens, precision)
+                    row = dict(model=model, horizon=horizon, views=views, precision=precision,
+                               prompt_tokens=args.prompt_tokens, steps=config.num_steps,
+                               replay_p50=statistics.median(replay), replay_p90=percentile(replay, 90),
+                               call_p50=statistics.median(call), call_p90=percentile(call, 90),
+                               eager_p50=statistics.median(eager_ms), floor_ms=floor,
+                               peak_gb=(torch.cuda.max_memory_allocated() - base) / 1e9,
+                               cos_vs_fp32=cosine(actions, reference))
+                    row["roofline"] = floor / row["replay_p50"]
+                    row["speedup_vs_eager"] = row["eager_p50"] / row["replay_p50"]
+                    rows.append(row)
+                    print("  views {views} {precision}: replay p50 {replay_p50:.2f} p90 {replay_p90:.2f} ms | call p50 "
+                          "{call_p50:.2f} ms | floor {floor_ms:.2f} ms ({roofline:.0%}) | eager {eager_p50:.1f} ms "
+                          "(x{speedup_vs_eager:.1f}) | peak {peak_gb:.1f} GB | cos {cos_vs_fp32:.5f}".format(**row),
+                          flush=True)
+                del fast
+                torch.cuda.empty_cache()
+            del reference32, eager, weights
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["pi05", "pi0"])
+    parser.add_argument("--views", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--horizons", nargs="+", type=int, default=[10, 50])
+    parser.add_argument("--precisions", nargs="+", default=["bf16"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--prompt-tokens", type=int, default=48)
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--eager-iters", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("pi_runtime: needs a CUDA GPU")
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | CUDA {torch.version.cuda}", flush=True)
+    rows = run(args)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

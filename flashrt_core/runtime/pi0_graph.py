@@ -1,0 +1,500 @@
+"""Fast Pi0 / Pi0.5 backend: the reference forward (models.pi0.PiModel, the oracle) rewritten
+over static buffers and fused ops, captured as one CUDA graph per (views, prompt bucket).
+
+It computes the same function as PiModel; what it does differently, and why that is safe:
+- Weights are prepared once: fused QKV and gate|up GEMMs, the patch conv as one GEMM over
+  patch rows (images_to_patches also does the uint8 -> [-1, 1] scaling inside the graph),
+  the text embedding pre-multiplied by sqrt(width) (the reference multiplies the stored
+  row by the same rounded factor, so the product is identical).
+- Everything that depends only on the flow step is precomputed: the time embedding, every
+  Pi0.5 adaRMS (scale, shift, gate), the time half of Pi0's action_time_mlp_in.
+- Pi0's state token sees only the prefix and itself and has no time input, so its expert
+  K/V are the same at every step: computed once per call, appended to the prefix cache.
+- The last layer of a pass whose output is never read (the prefix; Pi0's state token)
+  stops after writing its K/V.
+- Prompts are cut to the smallest bucket holding the valid tokens: padding is right of
+  them and masked, so the result is unchanged and a new prompt length reuses a graph.
+- Masked keys get a large finite negative logit (as the reference), never -inf, so a fully
+  masked padding row stays finite and cannot leak NaN into valid rows through its K/V.
+
+On a CPU (or with kernels unavailable) the same code runs eagerly through the ops' PyTorch
+twins; CI checks it against PiModel there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..models.gemma import MASKED_LOGIT, rope_tables
+from ..models.pi0 import PiConfig, flow_times, time_embedding
+from .graphs import CapturedForward
+from .precision import Fp8Linear, Linear, fp8_capable, fp8_gemm_shape_ok
+
+log = logging.getLogger(__name__)
+
+VISION = "paligemma_with_expert.paligemma.model.vision_tower.vision_model."
+PROJECTOR = "paligemma_with_expert.paligemma.model.multi_modal_projector.linear."
+VLM = "paligemma_with_expert.paligemma.model.language_model."
+EXPERT = "paligemma_with_expert.gemma_expert.model."
+
+PROMPT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256)
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+
+
+def prompt_buckets(max_tokens: int) -> tuple[int, ...]:
+    return tuple(b for b in PROMPT_BUCKETS if b < max_tokens) + (max_tokens,)
+
+
+class _Weights:
+    """The canonical checkpoint dict turned into what the fast forward reads.
+
+    Tensors are moved to the device one at a time and dropped from `sd` as they go, so
+    loading a full checkpoint never holds two copies in host memory."""
+
+    def __init__(self, config: PiConfig, sd: dict[str, torch.Tensor], device, dtype):
+        self.config, self.device, self.dtype = config, device, dtype
+
+        def take(name, to=dtype):
+            return sd.pop(name).to(device=device, dtype=to)
+
+        def linear(prefix, bias=True, to=dtype):
+            return Linear(take(prefix + "weight", to), take(prefix + "bias", to) if bias else None, prefix)
+
+        def fused(prefixes, bias=False):
+            weight = torch.cat([take(p + "weight") for p in prefixes])
+            return Linear(weight, torch.cat([take(p + "bias") for p in prefixes]) if bias else None, prefixes[0])
+
+        vc, f32 = config.vision, torch.float32
+        conv = take(VISION + "embeddings.patch_embedding.weight")
+        self.patch_embed = Linear(conv.reshape(vc.width, -1), None, "patch_embedding")
+        # Conv bias and position embedding are both per-patch constants: one add.
+        self.patch_bias = (take(VISION + "embeddings.position_embedding.weight", f32)
+                           + take(VISION + "embeddings.patch_embedding.bias", f32)).to(dtype)
+        self.vision_layers = []
+        for i in range(vc.depth):
+            p = f"{VISION}encoder.layers.{i}."
+            self.vision_layers.append(dict(
+                ln1=(take(p + "layer_norm1.weight", f32), take(p + "layer_norm1.bias", f32)),
+                qkv=fused([p + f"self_attn.{n}_proj." for n in "qkv"], bias=True),
+                out=linear(p + "self_attn.out_proj."),
+                ln2=(take(p + "layer_norm2.weight", f32), take(p + "layer_norm2.bias", f32)),
+                fc1=linear(p + "mlp.fc1."), fc2=linear(p + "mlp.fc2.")))
+        self.post_ln = (take(VISION + "post_layernorm.weight", f32), take(VISION + "post_layernorm.bias", f32))
+        self.projector = linear(PROJECTOR)
+
+        # Out of place: `take` may hand back the caller's own tensor (already on device).
+        self.embed_tokens = take(VLM + "embed_tokens.weight") * torch.tensor(config.vlm.width**0.5, dtype=dtype)
+        self.vlm_layers = [self._gemma_layer(f"{VLM}layers.{i}.", take, fused, adaptive=False)
+                           for i in range(config.vlm.depth)]
+        sd.pop(VLM + "norm.weight", None)  # the prefix's final norm output is never read
+
+        self.expert_layers = [self._gemma_layer(f"{EXPERT}layers.{i}.", take, fused, adaptive=config.pi05)
+                              for i in range(config.expert.depth)]
+        self.action_in = linear("action_in_proj.", to=f32)
+        self.action_out = linear("action_out_proj.", to=f32)
+        if config.pi05:
+            self._precompute_adarms(take, linear)
+        else:
+            self.expert_final_norm = take(EXPERT + "norm.weight", f32)
+            self.state_proj = linear("state_proj.", to=f32)
+            self._precompute_action_time_mlp(take, linear)
+
+    @staticmethod
+    def _gemma_layer(p, take, fused, adaptive):
+        layer = dict(
+            qkv=fused([p + f"self_attn.{n}_proj." for n in "qkv"]),
+            o=Linear(take(p + "self_attn.o_proj.weight"), None, p + "self_attn.o_proj"),
+            gate_up=fused([p + "mlp.gate_proj.", p + "mlp.up_proj."]),
+            down=Linear(take(p + "mlp.down_proj.weight"), None, p + "mlp.down_proj"))
+        if not adaptive:
+            layer["in_norm"] = take(p + "input_layernorm.weight", torch.float32)
+            layer["post_norm"] = take(p + "post_attention_layernorm.weight", torch.float32)
+        else:
+            layer["in_dense"] = (take(p + "input_layernorm.dense.weight", torch.float32),
+                                 take(p + "input_layernorm.dense.bias", torch.float32))
+            layer["post_dense"] = (take(p + "post_attention_layernorm.dense.weight", torch.float32),
+                                   take(p + "post_attention_layernorm.dense.bias", torch.float32))
+        return layer
+
+    def _time_embeddings(self) -> torch.Tensor:
+        width = self.config.expert.width
+        return torch.cat([time_embedding(t, width) for t in flow_times(self.config.num_steps)]).to(self.device)
+
+    def _precompute_adarms(self, take, linear):
+        """Pi0.5: the adaRMS condition depends only on t, so every norm's (scale, shift, gate)
+        is fixed per step: mods [steps, layers, 2 (input, post), 3, width] and final [steps, 3, width]."""
+        time_in, time_out = linear("time_mlp_in.", to=torch.float32), linear("time_mlp_out.", to=torch.float32)
+        temb = self._time_embeddings()
+        cond = F.silu(F.linear(F.silu(F.linear(temb, time_in.weight, time_in.bias)), time_out.weight, time_out.bias))
+        steps, width = cond.shape[0], self.config.expert.width
+
+        def modulation(dense):
+            return F.linear(cond, *dense).view(steps, 3, width)
+
+        self.adarms = torch.stack([torch.stack([modulation(layer.pop("in_dense")), modulation(layer.pop("post_dense"))], 1)
+                                   for layer in self.expert_layers], 1).contiguous()
+        final = (take(EXPERT + "norm.dense.weight", torch.float32), take(EXPERT + "norm.dense.bias", torch.float32))
+        self.adarms_final = modulation(final).contiguous()
+
+    def _precompute_action_time_mlp(self, take, linear):
+        """Pi0: action_time_mlp_in(cat[a, temb]) = W_a a + (W_t temb + b), the bracket per step."""
+        width = self.config.expert.width
+        weight = take("action_time_mlp_in.weight", torch.float32)
+        bias = take("action_time_mlp_in.bias", torch.float32)
+        self.action_time_in = Linear(weight[:, :width].contiguous(), None, "action_time_mlp_in")
+        self.action_time_step_bias = (F.linear(self._time_embeddings(), weight[:, width:]) + bias).contiguous()
+        self.action_time_out = linear("action_time_mlp_out.", to=torch.float32)
+
+
+class _Session:
+    """Static buffers for one number of views, sized for the largest prompt bucket; every
+    bucket's graph works on leading slices of them (only one graph runs at a time)."""
+
+    def __init__(self, w: _Weights, views: int, max_bucket: int):
+        cfg, dev, dt = w.config, w.device, w.dtype
+        vc, gc, ec = cfg.vision, cfg.vlm, cfg.expert
+        self.views = views
+        self.image_tokens = views * vc.num_patches
+        self.suffix_len = cfg.action_horizon + (0 if cfg.pi05 else 1)
+        self.max_prefix = self.image_tokens + max_bucket
+        max_keys = self.max_prefix + self.suffix_len
+
+        def buf(*shape, dtype=dt):
+            return torch.zeros(shape, dtype=dtype, device=dev)
+
+        # inputs (written by the host before each replay)
+        self.images = buf(views, vc.image_size, vc.image_size, 3, dtype=torch.uint8)
+        self.tokens = buf(max_bucket, dtype=torch.int64)
+        self.key_bias = buf(max_keys, dtype=torch.float32)  # 0 valid, MASKED_LOGIT masked; suffix part stays 0
+        self.positions = buf(max_keys, dtype=torch.int32)   # prefix positions, then suffix positions
+        self.state = buf(1, cfg.state_dim, dtype=torch.float32)
+        self.noise = buf(cfg.action_horizon, cfg.action_dim, dtype=torch.float32)
+        # vision
+        n_img = self.image_tokens
+        self.patches = buf(n_img, 3 * vc.patch_size**2)
+        self.v_res, self.v_h, self.v_o = buf(n_img, vc.width), buf(n_img, vc.width), buf(n_img, vc.width)
+        self.v_qkv, self.v_attn, self.v_mlp = buf(n_img, 3 * vc.width), buf(n_img, vc.width), buf(n_img, vc.mlp_dim)
+        # prefix (Gemma 2B); rows [0, image_tokens) are images, then prompt tokens
+        p = self.max_prefix
+        self.g_res, self.g_h, self.g_o = buf(p, gc.width), buf(p, gc.width), buf(p, gc.width)
+        self.g_qkv = buf(p, (gc.num_heads + 2 * gc.num_kv_heads) * gc.head_dim)
+        self.g_q, self.g_gu, self.g_mlp = buf(p, gc.num_heads, gc.head_dim), buf(p, 2 * gc.mlp_dim), buf(p, gc.mlp_dim)
+        # shared KV cache: per layer [keys, kv_heads, head_dim]; prefix rows then suffix rows
+        self.k_cache = buf(gc.depth, max_keys, gc.num_kv_heads, gc.head_dim)
+        self.v_cache = buf(gc.depth, max_keys, gc.num_kv_heads, gc.head_dim)
+        cos, sin = rope_tables(torch.arange(max_keys, device=dev)[None], gc.head_dim, gc.rope_theta)
+        self.rope_cos, self.rope_sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()
+        # expert (action tokens; Pi0's state pass uses the first row)
+        s = self.suffix_len
+        self.x_t = buf(cfg.action_horizon, cfg.action_dim, dtype=torch.float32)
+        self.velocity = buf(cfg.action_horizon, cfg.action_dim, dtype=torch.float32)
+        self.a_emb = buf(cfg.action_horizon, ec.width, dtype=torch.float32)
+        self.a_mlp = buf(cfg.action_horizon, ec.width, dtype=torch.float32)
+        self.e_res, self.e_h, self.e_o = buf(s, ec.width), buf(s, ec.width), buf(s, ec.width)
+        self.e_qkv = buf(s, (ec.num_heads + 2 * ec.num_kv_heads) * ec.head_dim)
+        self.e_q, self.e_attn = buf(s, ec.num_heads, ec.head_dim), buf(s, ec.num_heads, ec.head_dim)
+        self.e_gu, self.e_mlp = buf(s, 2 * ec.mlp_dim), buf(s, ec.mlp_dim)
+        self.e_out = buf(cfg.action_horizon, ec.width, dtype=torch.float32)
+        self.attn_workspace = ops.decode_attention_workspace((s, ec.num_heads, ec.head_dim),
+                                                             (max_keys, ec.num_kv_heads, ec.head_dim), dev)
+        self.graphs: dict[int, CapturedForward] = {}
+
+
+class PiGraphRuntime:
+    """Backend with PiModel's `sample_actions` signature (docs/ARCHITECTURE.md)."""
+
+    def __init__(self, config: PiConfig, weights: _Weights, device: torch.device, precision: str,
+                 max_views: int = 3):
+        self.config, self.w, self.device, self.precision = config, weights, device, precision
+        self.buckets = prompt_buckets(config.max_token_len)
+        self.max_views = max_views
+        self.use_graphs = device.type == "cuda"
+        self._sessions: dict[int, _Session] = {}
+        self._pool = None
+        self._host_out = torch.empty(config.action_horizon, config.action_dim, dtype=torch.float32,
+                                     pin_memory=self.use_graphs)
+        self._done = torch.cuda.Event() if self.use_graphs else None
+        # FP8: GEMMs run bf16 until calibration has measured their input ranges.
+        self.fp8_ready = False
+        if precision == "fp8":
+            largest = max(lin.weight.shape[1] for _, _, lin in self._fp8_targets())
+            rows = max_views * config.vision.num_patches + self.buckets[-1]
+            self._fp8_scratch = torch.empty(rows * largest, dtype=torch.float8_e4m3fn, device=device)
+
+    @classmethod
+    def from_state_dict(cls, config: PiConfig, state_dict: dict[str, torch.Tensor], *, device,
+                        precision="bf16", max_views: int = 3):
+        device = torch.device(device)
+        if precision not in COMPUTE_DTYPES:
+            raise ValueError(f"precision {precision!r} is not one of {sorted(COMPUTE_DTYPES)}")
+        if precision == "fp8" and not fp8_capable(device):
+            raise ValueError(f"fp8 needs a GPU of compute capability 8.9 or newer, not {device}")
+        started = time.perf_counter()
+        weights = _Weights(config, dict(state_dict), device, COMPUTE_DTYPES[precision])
+        log.info("graph runtime: weights prepared on %s (%s) in %.1f s", device, precision,
+                 time.perf_counter() - started)
+        return cls(config, weights, device, precision, max_views)
+
+    # -- FP8 ------------------------------------------------------------------------------
+
+    def _fp8_targets(self):
+        """(container, key, Linear) of every GEMM that runs in FP8: the compute-bound prefix
+        (SigLIP, projector, Gemma 2B). The patch embedding (K=588) cannot (K % 16)."""
+        w = self.w
+        for layer in w.vision_layers:
+            for key in ("qkv", "out", "fc1", "fc2"):
+                yield layer, key, layer[key]
+        yield w.__dict__, "projector", w.projector
+        for layer in w.vlm_layers:
+            for key in ("qkv", "o", "gate_up", "down"):
+                yield layer, key, layer[key]
+
+    def calibration(self) -> dict[str, float]:
+        """The activation ranges (max |x| per FP8 GEMM input) measured so far."""
+        return {lin.name: float(lin.amax) for _, _, lin in self._fp8_targets()}
+
+    @torch.inference_mode()
+    def calibrate(self, observations=(), amax: dict[str, float] | None = None) -> dict[str, float]:
+        """Set the static FP8 activation scales: from `amax` (a cached calibration), or by
+        running the forward eagerly on `observations` (sample_actions argument tuples) and
+        keeping the max |x| seen at every FP8 GEMM input. Before the first calibration the
+        GEMMs run in bf16, so the measured ranges are the unquantized model's; a later call
+        (e.g. on real camera frames) measures through the FP8 model and only moves the scales,
+        which the captured graphs read in place."""
+        if self.precision != "fp8":
+            raise ValueError("calibrate() applies to precision='fp8'")
+        targets = list(self._fp8_targets())
+        if amax is not None:
+            missing = [lin.name for _, _, lin in targets if lin.name not in amax]
+            if missing:
+                raise ValueError(f"calibration lacks {len(missing)} GEMMs, e.g. {missing[:3]}")
+            for _, _, lin in targets:
+                lin.amax.fill_(amax[lin.name])
+        else:
+            observations = list(observations)
+            if not observations:
+                raise ValueError("calibrate() needs observations or amax")
+            for _, _, lin in targets:
+                lin.amax.zero_()
+            Linear.recording = True
+            try:
+                for obs in observations:
+                    s = self._session(obs[0].shape[0])
+                    bucket = self._bucket(int(obs[3].sum()))
+                    self._stage_inputs(s, bucket, *obs)
+                    self._forward(s, bucket)
+            finally:
+                Linear.recording = False
+        if not self.fp8_ready:
+            for container, key, lin in targets:
+                container[key] = Fp8Linear(lin, self._fp8_scratch)
+            self.fp8_ready = True
+            torch.cuda.empty_cache()  # the bf16 copies of those weights are gone
+        else:
+            for _, _, lin in targets:
+                lin.set_scale_from_amax()
+        return self.calibration()
+
+    # -- the forward, over one session's buffers ------------------------------------------
+
+    def _vision(self, s: _Session) -> None:
+        w, vc = self.w, self.config.vision
+        ops.images_to_patches(s.images, vc.patch_size, out=s.patches)
+        w.patch_embed(s.patches, out=s.v_o)
+        s.v_res.view(s.views, vc.num_patches, vc.width).copy_(w.patch_bias)
+        heads = vc.num_heads
+        for layer in w.vision_layers:
+            # residual += previous output (layer 0: the patch embedding onto bias + position)
+            ops.add_layer_norm(s.v_o, s.v_res, *layer["ln1"], out=s.v_h)
+            layer["qkv"](s.v_h, out=s.v_qkv)
+            q, k, v = s.v_qkv.view(s.views, vc.num_patches, 3, heads, vc.head_dim).permute(2, 0, 3, 1, 4)
+            attn = F.scaled_dot_product_attention(q, k, v)
+            s.v_attn.view(s.views, vc.num_patches, heads, vc.head_dim).copy_(attn.transpose(1, 2))
+            layer["out"](s.v_attn, out=s.v_o)
+            ops.add_layer_norm(s.v_o, s.v_res, *layer["ln2"], out=s.v_h)
+            layer["fc1"](s.v_h, out=s.v_mlp)
+            ops.gelu_tanh(s.v_mlp, out=s.v_mlp)
+            layer["fc2"](s.v_mlp, out=s.v_o)
+        ops.add_layer_norm(s.v_o, s.v_res, *w.post_ln, out=s.v_h)
+        w.projector(s.v_h, out=s.g_res[:s.image_tokens])
+
+    def _prefix(self, s: _Session, prefix_len: int) -> None:
+        """Gemma 2B over [image tokens | prompt bucket]; fills rows [0, prefix_len) of the KV cache."""
+        w, gc = self.w, self.config.vlm
+        n = prefix_len
+        res, h, o, qkv, q, gu, mlp = (t[:n] for t in (s.g_res, s.g_h, s.g_o, s.g_qkv, s.g_q, s.g_gu, s.g_mlp))
+        torch.index_select(w.embed_tokens, 0, s.tokens[:n - s.image_tokens], out=res[s.image_tokens:])
+        mask = s.key_bias[:n].to(w.dtype).view(1, 1, 1, n).expand(1, gc.num_heads, n, n)
+        for i, layer in enumerate(w.vlm_layers):
+            # `o` holds the previous layer's MLP output: add it to the residual, then norm
+            if i == 0:
+                ops.rms_norm(res, layer["in_norm"], out=h)
+            else:
+                ops.add_rms_norm(o, res, layer["in_norm"], out=h)
+            layer["qkv"](h, out=qkv)
+            ops.qkv_rope_split(qkv, s.rope_cos, s.rope_sin, s.positions[:n], s.k_cache[i], s.v_cache[i],
+                               cache_offset=0, q_scale=gc.head_dim**-0.5, out=q)
+            if i == len(w.vlm_layers) - 1:
+                break  # only this layer's K/V are ever read
+            keys = s.k_cache[i, :n].transpose(0, 1)[None].expand(1, gc.num_heads, n, gc.head_dim)
+            values = s.v_cache[i, :n].transpose(0, 1)[None].expand(1, gc.num_heads, n, gc.head_dim)
+            attn = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask, scale=1.0)
+            layer["o"](attn[0].transpose(0, 1).reshape(n, -1), out=o)
+            ops.add_rms_norm(o, res, layer["post_norm"], out=h)
+            layer["gate_up"](h, out=gu)
+            ops.gelu_tanh_mul(gu, out=mlp)
+            layer["down"](mlp, out=o)
+
+    def _expert(self, s: _Session, prefix_len: int, first: int, rows: int, step: int | None) -> None:
+        """Expert layers over `rows` suffix tokens in e_res[:rows], whose K/V go to cache rows
+        prefix_len + first ...; they attend to every key before and including themselves.
+        step None: Pi0's state pass (plain norms; stops after the last layer's K/V)."""
+        w, ec = self.w, self.config.expert
+        res, h, o, qkv, q, attn, gu, mlp = (t[first:first + rows] for t in (
+            s.e_res, s.e_h, s.e_o, s.e_qkv, s.e_q, s.e_attn, s.e_gu, s.e_mlp))
+        row0 = prefix_len + first
+        keys = row0 + rows
+        positions = s.positions[s.max_prefix + first:s.max_prefix + first + rows]
+        depth = len(w.expert_layers)
+        adaptive = step is not None and self.config.pi05
+
+        def norm(which: int, layer: int, added: torch.Tensor | None, gate_of: tuple[int, int] | None):
+            """Input (which=0) / post-attention (1) norm of `layer`, optionally first adding
+            `added` to the residual, gated by the gate of norm `gate_of` (Pi0.5)."""
+            if adaptive:
+                scale, shift, _ = (w.adarms[step, layer, which] if layer < depth else w.adarms_final[step])
+                if added is None:
+                    return ops.ada_rms_norm(res, scale, shift, out=h)
+                gate = w.adarms[step, gate_of[0], gate_of[1], 2]
+                return ops.gated_add_ada_rms_norm(added, res, gate, scale, shift, out=h)
+            weight = (w.expert_layers[layer]["in_norm" if which == 0 else "post_norm"] if layer < depth
+                      else w.expert_final_norm)
+            if added is None:
+                return ops.rms_norm(res, weight, out=h)
+            return ops.add_rms_norm(added, res, weight, out=h)
+
+        for i, layer in enumerate(w.expert_layers):
+            # `o` holds the previous layer's MLP output (see the end of the loop)
+            norm(0, i, None if i == 0 else o, (i - 1, 1))
+            layer["qkv"](h, out=qkv)
+            ops.qkv_rope_split(qkv, s.rope_cos, s.rope_sin, positions, s.k_cache[i], s.v_cache[i],
+                               cache_offset=row0, q_scale=ec.head_dim**-0.5, out=q)
+            if step is None and i == depth - 1:
+                return  # state pass: only its K/V are read later
+            ops.decode_attention(q, s.k_cache[i, :keys], s.v_cache[i, :keys], s.key_bias[:keys], scale=1.0,
+                                 out=attn, workspace=s.attn_workspace)
+            layer["o"](attn.view(rows, -1), out=o)
+            norm(1, i, o, (i, 0))
+            layer["gate_up"](h, out=gu)
+            ops.gelu_tanh_mul(gu, out=mlp)
+            layer["down"](mlp, out=o)
+        norm(0, depth, o, (depth - 1, 1))  # final norm
+
+    def _forward(self, s: _Session, bucket: int) -> None:
+        cfg, w = self.config, self.w
+        prefix_len = s.image_tokens + bucket
+        horizon = cfg.action_horizon
+        self._vision(s)
+        self._prefix(s, prefix_len)
+        first_action = 0
+        if not cfg.pi05:  # Pi0: the state token's K/V, once per call
+            w.state_proj(s.state, out=s.a_emb[:1])
+            s.e_res[:1].copy_(s.a_emb[:1])
+            self._expert(s, prefix_len, 0, 1, None)
+            first_action = 1
+        s.x_t.copy_(s.noise)
+        dt = float(np.float32(-1.0 / cfg.num_steps))
+        actions = s.e_res[first_action:first_action + horizon]
+        for step in range(cfg.num_steps):
+            w.action_in(s.x_t, out=s.a_emb)
+            if cfg.pi05:
+                actions.copy_(s.a_emb)
+            else:
+                torch.addmm(w.action_time_step_bias[step], s.a_emb, w.action_time_in.weight.t(), out=s.a_mlp)
+                F.silu(s.a_mlp, inplace=True)
+                w.action_time_out(s.a_mlp, out=s.a_emb)
+                actions.copy_(s.a_emb)
+            self._expert(s, prefix_len, first_action, horizon, step)
+            s.e_out.copy_(s.e_h[first_action:first_action + horizon])
+            w.action_out(s.e_out, out=s.velocity)
+            ops.euler_step(s.x_t, s.velocity, dt)
+
+    # -- host side ------------------------------------------------------------------------
+
+    def _session(self, views: int) -> _Session:
+        if views > self.max_views:
+            raise ValueError(f"{views} views; this runtime was built for at most {self.max_views}")
+        if views not in self._sessions:
+            self._sessions[views] = _Session(self.w, views, self.buckets[-1])
+        return self._sessions[views]
+
+    def _bucket(self, valid_tokens: int) -> int:
+        for bucket in self.buckets:
+            if valid_tokens <= bucket:
+                return bucket
+        return self.buckets[-1]
+
+    def _stage_inputs(self, s: _Session, bucket: int, images, image_mask, tokens, token_mask, state, noise):
+        """Copy one observation into the session's input buffers (no host sync)."""
+        cfg = self.config
+        pad = torch.cat([image_mask.to(torch.bool).repeat_interleave(cfg.vision.num_patches),
+                         token_mask[:bucket].to(torch.bool)])
+        prefix_len = pad.shape[0]
+        # Positions of masked tokens are never used; clamp so a leading masked view stays in the table.
+        positions = (torch.cumsum(pad.to(torch.int32), 0) - 1).clamp_(min=0)
+        valid = int(pad.sum())
+        suffix_positions = torch.arange(valid, valid + s.suffix_len, dtype=torch.int32)
+        bias = torch.where(pad, 0.0, MASKED_LOGIT).to(torch.float32)
+        blocking = not self.use_graphs
+        s.images.copy_(images, non_blocking=not blocking)
+        s.tokens[:bucket].copy_(tokens[:bucket], non_blocking=not blocking)
+        s.key_bias[:prefix_len].copy_(bias, non_blocking=not blocking)
+        s.key_bias[prefix_len:prefix_len + s.suffix_len].zero_()
+        s.positions[:prefix_len].copy_(positions, non_blocking=not blocking)
+        s.positions[s.max_prefix:s.max_prefix + s.suffix_len].copy_(suffix_positions, non_blocking=not blocking)
+        s.state[0].copy_(state, non_blocking=not blocking)
+        s.noise.copy_(noise, non_blocking=not blocking)
+
+    def prepare(self, views: int, buckets=None) -> None:
+        """Capture the graphs of `views` for the given (default: all) prompt buckets now, so
+        no capture happens on the realtime path later (FP8: after calibration)."""
+        if not self.use_graphs or (self.precision == "fp8" and not self.fp8_ready):
+            return
+        s = self._session(views)
+        for bucket in buckets or self.buckets:
+            self._capture(s, bucket)
+
+    def _capture(self, s: _Session, bucket: int) -> CapturedForward:
+        if bucket not in s.graphs:
+            started = time.perf_counter()
+            s.graphs[bucket] = CapturedForward(lambda: self._forward(s, bucket), self.device, pool=self._pool)
+            self._pool = s.graphs[bucket].pool
+            log.info("graph runtime: captured views=%d prompt<=%d in %.2f s", s.views, bucket,
+                     time.perf_counter() - started)
+        return s.graphs[bucket]
+
+    @torch.inference_mode()
+    def sample_actions(self, images, image_mask, tokens, token_mask, state, noise) -> torch.Tensor:
+        if self.precision == "fp8" and not self.fp8_ready:
+            log.warning("graph runtime: FP8 calibrated on a single observation (call calibrate() "
+                        "with representative frames for better scales)")
+            self.calibrate([(images, image_mask, tokens, token_mask, state, noise)])
+        s = self._session(images.shape[0])
+        bucket = self._bucket(int(token_mask.sum()))
+        with torch.cuda.device(self.device) if self.use_graphs else contextlib.nullcontext():
+            self._stage_inputs(s, bucket, images, image_mask, tokens, token_mask, state, noise)
+            if self.use_graphs:
+                self._capture(s, bucket).replay()
+                self._host_out.copy_(s.x_t, non_blocking=True)
+                self._done.record()
+                self._done.synchronize()
+                return self._host_out.clone()
+            self._forward(s, bucket)
+            return s.x_t.clone()

@@ -1,0 +1,135 @@
+"""GEMMs of the fast runtime in bf16 / fp32 or FP8 (E4M3), and FP8 calibration.
+
+FP8 scheme: per-tensor weight scale (amax / 448) computed at load; per-tensor *static*
+activation scale per GEMM input, measured by calibration (amax over calibration forwards
+/ 448). Both scales live in device tensors that the captured graphs read at replay, so
+recalibrating (e.g. on real camera frames) changes them in place without recapturing.
+Calibration results are cached on disk, keyed by the checkpoint and the input shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .. import ops
+from ..ops.reference import FP8
+
+log = logging.getLogger(__name__)
+
+FP8_MAX = 448.0
+CALIBRATION_VERSION = 1
+
+
+class Linear:
+    """y = x W^T (+ b) into a static buffer; W [out, in] in the compute dtype.
+
+    While `recording` is set (eager calibration forwards), the running max |x| of the
+    input is kept in `amax`."""
+
+    recording = False
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, name: str = ""):
+        self.weight, self.bias, self.name = weight, bias, name
+        self.amax = torch.zeros(1, dtype=torch.float32, device=weight.device)
+
+    def record(self, x: torch.Tensor) -> None:
+        if Linear.recording:
+            ops.absmax(x, out=self.amax, accumulate=True)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        self.record(x)
+        if self.bias is None:
+            return torch.mm(x, self.weight.t(), out=out)
+        return torch.addmm(self.bias, x, self.weight.t(), out=out)
+
+
+class Fp8Linear(Linear):
+    """The same GEMM with E4M3 weights and a static activation scale: x is quantized into a
+    shared scratch buffer, then torch._scaled_mm (cuBLASLt FP8) with bf16 output."""
+
+    def __init__(self, linear: Linear, scratch: torch.Tensor):
+        weight = linear.weight.float()
+        w_amax = weight.abs().max().clamp(min=1e-12)
+        self.w_scale = (w_amax / FP8_MAX).reshape(()).to(torch.float32)
+        # _scaled_mm wants the second operand column-major: keep W [N, K] and pass W.t().
+        self.weight8 = (weight / self.w_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        self.bias, self.name, self.amax = linear.bias, linear.name, linear.amax
+        self.act_scale = torch.ones((), dtype=torch.float32, device=weight.device)
+        self.scratch = scratch
+        self.set_scale_from_amax()
+
+    @property
+    def weight(self):  # the dequantized weight, for inspection and tests
+        return self.weight8.float() * self.w_scale
+
+    def set_scale_from_amax(self) -> None:
+        self.act_scale.copy_((self.amax.reshape(()) / FP8_MAX).clamp(min=1e-12))
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        self.record(x)
+        rows, k = x.shape
+        x8 = self.scratch[:rows * k].view(rows, k)
+        ops.quantize_fp8(x, self.act_scale.view(1), out=x8)
+        return torch._scaled_mm(x8, self.weight8.t(), scale_a=self.act_scale, scale_b=self.w_scale,
+                                bias=self.bias, out_dtype=out.dtype, out=out)
+
+
+def fp8_capable(device: torch.device) -> bool:
+    """cuBLASLt FP8 GEMMs need compute capability 8.9+ (Ada, Hopper, Blackwell)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_gemm_shape_ok(linear: Linear) -> bool:
+    """_scaled_mm needs K and N to be multiples of 16."""
+    n, k = linear.weight.shape
+    return n % 16 == 0 and k % 16 == 0
+
+
+# -- calibration cache --------------------------------------------------------------------
+
+
+def checkpoint_fingerprint(path: str | os.PathLike) -> str:
+    """A cheap identity of a checkpoint: the names, sizes and first 64 KiB of its weight files."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(path).glob("*.safetensors")):
+        digest.update(file.name.encode())
+        digest.update(str(file.stat().st_size).encode())
+        with open(file, "rb") as f:
+            digest.update(f.read(1 << 16))
+    return digest.hexdigest()[:16]
+
+
+def calibration_dir() -> Path:
+    root = os.environ.get("FLASHRT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "flashrt")
+    return Path(root) / "calibration"
+
+
+def calibration_file(fingerprint: str, shape_key: str) -> Path:
+    return calibration_dir() / f"{fingerprint}_{shape_key}_v{CALIBRATION_VERSION}.json"
+
+
+def load_calibration(file: Path) -> dict[str, float] | None:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    if data.get("version") != CALIBRATION_VERSION:
+        return None
+    return {k: float(v) for k, v in data["amax"].items()}
+
+
+def save_calibration(file: Path, amax: dict[str, float]) -> None:
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"version": CALIBRATION_VERSION, "amax": amax}, indent=1, sort_keys=True))
+        tmp.replace(file)
+    except OSError as e:  # a read-only home must not stop the robot
+        log.warning("could not cache FP8 calibration in %s: %s", file, e)

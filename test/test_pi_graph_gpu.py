@@ -1,0 +1,84 @@
+"""The graph runtime on the GPU at full size (random weights): precision gates against the
+fp32 reference on the same noise, graph replay vs the same forward run eagerly, prompt
+buckets staying on the graph path, determinism. Timing lives in bench/pi_runtime.py."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from flashrt_core import synthetic
+from flashrt_core.models.pi0 import PiConfig, PiModel
+from flashrt_core.runtime.pi0_graph import PiGraphRuntime
+
+pytestmark = pytest.mark.gpu
+
+COSINE_GATE = {"bf16": 0.999, "fp8": 0.995}
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), 0).item()
+
+
+@pytest.fixture(scope="module", params=["pi05", "pi0"])
+def full_model(request):
+    config = replace(PiConfig(variant=request.param), action_horizon=10)
+    weights = synthetic.random_state_dict(config, seed=0, device="cuda", dtype=torch.bfloat16)
+    reference = PiModel.from_state_dict(config, weights, device="cuda", dtype=torch.float32)
+    yield config, weights, reference
+    del reference, weights
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_fast_path_matches_fp32_reference(full_model, precision):
+    config, weights, reference = full_model
+    fast = PiGraphRuntime.from_state_dict(config, weights, device="cuda", precision=precision)
+    if precision == "fp8":  # static scales from other observations than the ones checked
+        fast.calibrate([synthetic.random_observation(config, 2, 30, seed=100 + i) for i in range(4)])
+    for view_mask, prompt_tokens in (((True, True), 20), ((True, False, True), 45)):
+        obs = synthetic.random_observation(config, len(view_mask), prompt_tokens, seed=prompt_tokens,
+                                           view_mask=view_mask)
+        expected = reference.sample_actions(*obs).cpu()
+        actual = fast.sample_actions(*obs)
+        assert torch.isfinite(actual).all()
+        assert cosine(actual, expected) >= COSINE_GATE[precision], (view_mask, prompt_tokens)
+
+
+def test_replay_equals_eager_run_and_is_deterministic(full_model):
+    config, weights, _ = full_model
+    fast = PiGraphRuntime.from_state_dict(config, weights, device="cuda", precision="bf16")
+    obs = synthetic.random_observation(config, 2, 30, seed=1)
+    first = fast.sample_actions(*obs)
+    second = fast.sample_actions(*obs)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)  # same inputs, same bits
+    session = fast._session(2)
+    assert list(session.graphs) == [fast._bucket(30)]
+    session.x_t.fill_(float("nan"))  # poison: the forward must overwrite it
+    fast._forward(session, fast._bucket(30))  # the same forward, eagerly
+    torch.testing.assert_close(session.x_t.cpu(), first, rtol=2e-2, atol=2e-2)
+
+
+def test_new_prompt_length_stays_on_graph_path(full_model):
+    config, weights, reference = full_model
+    fast = PiGraphRuntime.from_state_dict(config, weights, device="cuda", precision="bf16")
+    fast.prepare(2)
+    buckets = set(fast._session(2).graphs)
+    assert buckets == set(fast.buckets)
+    for prompt_tokens in (3, 17, config.max_token_len):
+        obs = synthetic.random_observation(config, 2, prompt_tokens, seed=prompt_tokens)
+        actual = fast.sample_actions(*obs)
+        assert set(fast._session(2).graphs) == buckets  # nothing captured on the hot path
+        assert cosine(actual, reference.sample_actions(*obs).cpu()) >= COSINE_GATE["bf16"]
+
+
+def test_fp8_calibration_round_trips(full_model):
+    """A cached calibration (the amax dict) reproduces the calibrated model exactly."""
+    config, weights, _ = full_model
+    first = PiGraphRuntime.from_state_dict(config, weights, device="cuda", precision="fp8")
+    amax = first.calibrate([synthetic.random_observation(config, 2, 30, seed=5)])
+    assert all(v > 0 for v in amax.values())
+    second = PiGraphRuntime.from_state_dict(config, weights, device="cuda", precision="fp8")
+    assert second.calibrate(amax=amax) == amax
+    obs = synthetic.random_observation(config, 2, 30, seed=6)
+    torch.testing.assert_close(first.sample_actions(*obs), second.sample_actions(*obs), rtol=0, atol=0)
