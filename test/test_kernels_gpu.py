@@ -24,23 +24,29 @@ ROW_SHAPES = [(10, 1024), (560, 2048), (1024, 1152), (10, 4304), (560, 4304), (1
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(autouse=True)
-def kernel_path_only(monkeypatch):
-    """Every op must take the kernel path: the twins reached through ops raise here.
-    Returns the real twins (for the reference values)."""
-    if not kernels.available():
-        pytest.fail(f"CUDA is present but the extension is not usable: {kernels.unavailable_reason()}")
-    twins = {name: getattr(reference, name) for name in reference.__all__}
+class _TwinsForbidden:
+    """Stands in for the reference module inside flashrt_core.ops: any op falling back
+    to its twin raises (helpers pass through)."""
 
-    def forbidden(name):
+    HELPERS = ("output_dtype", "pixel_values")
+
+    def __getattr__(self, name):
+        real = getattr(reference, name)
+        if name in self.HELPERS or not callable(real):
+            return real
+
         def call(*args, **kwargs):
             raise AssertionError(f"ops.{name} fell back to its twin on CUDA inputs")
         return call
 
-    for name, fn in twins.items():
-        if callable(fn) and name not in ("output_dtype", "pixel_values"):  # helpers, not ops
-            monkeypatch.setattr(reference, name, forbidden(name))
-    return type("Twins", (), {k: staticmethod(v) for k, v in twins.items() if callable(v)})
+
+@pytest.fixture(autouse=True)
+def kernel_path_only(monkeypatch):
+    """Every op must take the kernel path; returns the twins (for reference values)."""
+    if not kernels.available():
+        pytest.fail(f"CUDA is present but the extension is not usable: {kernels.unavailable_reason()}")
+    monkeypatch.setattr(ops, "reference", _TwinsForbidden())
+    return reference
 
 
 def rnd(*shape, dtype=torch.float32, scale=1.0, offset=0.1):
@@ -433,12 +439,14 @@ def test_in_place_outputs(kernel_path_only):
     assert_close(g, expected, torch.bfloat16)
 
 
-def test_non_contiguous_input_takes_the_twin(kernel_path_only, monkeypatch):
+def test_non_contiguous_input_takes_the_twin(monkeypatch):
     x = rnd(64, 32).t()  # not contiguous
     calls = []
-    monkeypatch.setattr(reference, "rms_norm", lambda *a: calls.append(1) or kernel_path_only.rms_norm(*a))
+    twin = reference.rms_norm
+    monkeypatch.setattr(ops, "reference", reference)
+    monkeypatch.setattr(reference, "rms_norm", lambda *a: calls.append(1) or twin(*a))
     y = ops.rms_norm(x)
-    assert calls and torch.allclose(y, kernel_path_only.rms_norm(x.contiguous()))
+    assert calls and torch.allclose(y, twin(x.contiguous()))
 
 
 def test_binding_errors_name_the_kernel():
