@@ -160,7 +160,7 @@ def load_state_dict(path, config: PiConfig, dtype: torch.dtype | None = None) ->
                 done += t.nbytes
                 if report_every and done >= next_report:
                     log.info("  weights %3.0f%% (%.1f / %.1f GB)", 100 * done / total, done / 1e9, total / 1e9)
-                    next_report += report_every
+                    next_report += report_every * (1 + (done - next_report) // report_every)
     return state_dict
 
 

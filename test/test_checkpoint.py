@@ -2,6 +2,7 @@
 shards), and precise errors for everything that does not match."""
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine_checkpoints import tiny_checkpoint  # noqa: F401
+from flashrt_core import checkpoint
 from flashrt_core.checkpoint import load_state_dict, read_checkpoint
 from flashrt_core.errors import CheckpointError, UnsupportedModelError
 from flashrt_core.models.gemma import gemma_variant
@@ -160,3 +162,17 @@ def test_broken_files(tiny_checkpoint, tmp_path):
     next(sharded.glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(CheckpointError, match="missing: model-00002"):
         load_state_dict(sharded, config)
+
+
+def test_big_checkpoints_log_progress(tiny_checkpoint, monkeypatch, caplog):
+    path = tiny_checkpoint("pi0")
+    with caplog.at_level(logging.INFO, logger="flashrt_core.checkpoint"):
+        load_state_dict(path, read_checkpoint(path).config)
+    assert "weights" not in caplog.text  # small: quiet
+    monkeypatch.setattr(checkpoint, "PROGRESS_MIN_BYTES", 0)
+    with caplog.at_level(logging.INFO, logger="flashrt_core.checkpoint"):
+        load_state_dict(path, read_checkpoint(path).config)
+    lines = [r.getMessage() for r in caplog.records if "weights" in r.getMessage()]
+    assert 1 < len(lines) <= 10 and "100%" in lines[-1]
+    percents = [int(line.split("%")[0].split()[-1]) for line in lines]
+    assert percents == sorted(set(percents))
