@@ -60,21 +60,24 @@ def graph_runtime_class():
     """The fast runtime, or None where it is not importable (not built, no CUDA code)."""
     try:
         from .runtime.pi0_graph import PiGraphRuntime
-    except ImportError:
+    except ImportError as e:
+        log.debug("graph runtime not importable: %s", e)
         return None
     return PiGraphRuntime
 
 
 def select_backend(backend: str, device: torch.device, precision: str) -> str:
     """"auto": the graph runtime on CUDA when it is importable, else the reference model."""
+    if backend not in ("auto", "reference", "graph"):
+        raise DeviceError(f"unknown backend {backend!r}; expected auto, reference or graph")
     if backend == "auto":
         backend = "graph" if device.type == "cuda" and graph_runtime_class() is not None else "reference"
+        if device.type == "cuda" and backend == "reference":
+            log.warning("the graph runtime is not available: running the (slow) reference backend on %s", device)
     if backend == "graph" and graph_runtime_class() is None:
         raise DeviceError("the graph backend (flashrt_core.runtime.pi0_graph) is not available")
     if backend == "reference" and precision not in _TORCH_DTYPES:
         raise DeviceError(f"precision {precision} needs the graph backend; the reference runs fp32 or bf16")
-    if backend not in ("reference", "graph"):
-        raise DeviceError(f"unknown backend {backend!r}; expected auto, reference or graph")
     return backend
 
 
