@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 from rclpy.node import Node
-from rclpy.parameter import Parameter
 
 from flashrt_ros import launcher
 from flashrt_ros.params import POLICY_NODE_NAME
@@ -166,8 +165,8 @@ def main(duration: float = 10.0, model: str = "pi05") -> int:
           f"{len(DEMO_CAMERAS)} cameras + {len(joint_names)} joints at {ROBOT_RATE_HZ:g} Hz, "
           f"prompt {DEMO_PROMPT!r}; {duration:g} s or Ctrl-C", flush=True)
     with launcher.ros_process() as stop:
-        policy = PolicyNode(POLICY_NODE_NAME, parameter_overrides=[
-            Parameter(name, value=value) for name, value in overrides.items()])
+        policy = PolicyNode(POLICY_NODE_NAME,
+                            parameter_overrides=launcher.parameter_overrides(overrides))
         nodes = [policy, SyntheticRobot(joint_names)]
         try:
             with launcher.Spinner(nodes) as spinner:

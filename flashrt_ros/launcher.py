@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Iterator
 
 import rclpy
@@ -100,16 +101,38 @@ def ros_process(args: list[str] | None = None) -> Iterator[threading.Event]:
         rclpy.try_shutdown()
 
 
+def packaged_parameters(model: str) -> dict:
+    """Values of the installed config/<model>.yaml (what the launch file uses by
+    default), or {} where the package is not installed with its share directory."""
+    from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+
+    from flashrt_ros.cli import load_params_file
+
+    try:
+        path = Path(get_package_share_directory("flashrt_ros")) / "config" / f"{model}.yaml"
+    except PackageNotFoundError:
+        return {}
+    return load_params_file(path) if path.is_file() else {}
+
+
+def parameter_overrides(values: dict) -> list[Parameter]:
+    """rclpy Parameters of {name: value}. An empty list is left out: rclpy would type
+    it as a byte array, and every list parameter reads an unset value as its default."""
+    return [Parameter(name, value=value) for name, value in values.items()
+            if not (isinstance(value, list) and not value)]
+
+
 def run_policy(model: str, checkpoint: str, overrides: dict | None = None) -> int:
     """One process: the policy node brought up, spun until SIGINT/SIGTERM, brought
-    down cleanly. `overrides` are parameter values already validated against
-    flashrt_ros.params. Returns the exit code (1 when configure fails)."""
+    down cleanly. Parameters: the packaged config/<model>.yaml (as the launch file),
+    then `overrides` (values already validated against flashrt_ros.params), then the
+    model and checkpoint. Returns the exit code (1 when configure fails)."""
     from flashrt_ros.policy_node import PolicyNode
 
-    values = dict(overrides or {}, model=model, checkpoint=str(checkpoint))
+    values = {**packaged_parameters(model), **(overrides or {}),
+              "model": model, "checkpoint": str(checkpoint)}
     with ros_process() as stop:
-        node = PolicyNode(POLICY_NODE_NAME, parameter_overrides=[
-            Parameter(name, value=value) for name, value in values.items()])
+        node = PolicyNode(POLICY_NODE_NAME, parameter_overrides=parameter_overrides(values))
         try:
             with Spinner([node]):
                 if not bring_up(node):

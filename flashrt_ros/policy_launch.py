@@ -6,7 +6,8 @@ launch files differ only in the model name.
 
 Launch arguments: checkpoint, autostart, params_file, namespace, node_name, device,
 precision, rate_hz, prompt, use_sim_time, log_level. Empty optional arguments leave
-the params file's value alone.
+the params file's value alone. The params file's section for the node name (or `/**`)
+applies whatever the namespace.
 
 Autostart: Jazzy's launch_ros LifecycleNode has no `autostart` argument, so the
 description emits ChangeState(configure) when the node starts and, on the
@@ -45,16 +46,21 @@ def _truthy(text: str) -> bool:
 
 
 def _policy_actions(context, model: str):
+    from flashrt_ros.cli import load_params_file
+
     config = context.launch_configurations
-    overrides = {"model": model, "checkpoint": config["checkpoint"]}
+    # The node's section of the params file (`<node_name>:` or `/**:`), read here so it
+    # applies in any namespace; launch arguments override it.
+    values = load_params_file(config["params_file"], config["node_name"])
+    values.update(model=model, checkpoint=config["checkpoint"],
+                  use_sim_time=_truthy(config["use_sim_time"]))
     for name, kind in _OVERRIDES.items():
         if config[name] != "":
-            overrides[name] = kind(config[name])
-    overrides["use_sim_time"] = _truthy(config["use_sim_time"])
+            values[name] = kind(config[name])
     node = LifecycleNode(
         package=PACKAGE, executable=EXECUTABLE, arguments=["node"],
         name=config["node_name"], namespace=config["namespace"], output="screen",
-        parameters=[config["params_file"], overrides],
+        parameters=[values],
         ros_arguments=["--log-level", config["log_level"]])
     actions = [node]
     if _truthy(config["autostart"]):

@@ -620,11 +620,16 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(args: list[str] | None = None) -> int:
-    """Spin the node unconfigured (a lifecycle manager or launch drives it); the entry
-    point launch files run. Returns the process exit code."""
+    """Spin the node unconfigured (launch or a lifecycle manager drives it), e.g.
+    `flashrt-ros node --ros-args --params-file p.yaml`, which launch files run.
+    `args`: the arguments after the command (default: sys.argv[1:]), ROS arguments
+    included. Returns the process exit code."""
+    import sys
+
     from flashrt_ros import launcher
 
-    return launcher.serve(args)
+    argv = sys.argv[1:] if args is None else list(args)
+    return launcher.serve(["flashrt-ros", *argv])
 
 
 if __name__ == "__main__":
