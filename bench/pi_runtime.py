@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flashrt_core import synthetic  # noqa: E402
 from flashrt_core.models.pi0 import PiConfig, PiModel  # noqa: E402
+from flashrt_core.runtime.graphs import CapturedForward  # noqa: E402
 from flashrt_core.runtime.pi0_graph import PiGraphRuntime  # noqa: E402
 
 MATMUL_FLOPS = {"bf16": 790e12, "fp8": 1480e12}
@@ -96,6 +97,21 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), 0).item()
 
 
+def breakdown(fast: PiGraphRuntime, views: int, prompt_tokens: int, iters: int) -> dict[str, float]:
+    """ms of the parts of the forward, each captured as its own graph over the same buffers:
+    SigLIP, Gemma prefix, one flow step (the steps are identical in work)."""
+    s = fast._session(views)
+    prefix_len = s.image_tokens + fast._bucket(prompt_tokens)
+    first = 0 if fast.config.pi05 else 1
+    parts = {"vision": lambda: fast._vision(s), "prefix": lambda: fast._prefix(s, prefix_len),
+             "flow_step": lambda: fast._flow_step(s, prefix_len, first, 0)}
+    out = {}
+    for name, fn in parts.items():
+        graph = CapturedForward(fn, fast.device)
+        out[name] = statistics.median(time_replays(graph, iters))
+    return out
+
+
 def run(args) -> list[dict]:
     device = torch.device("cuda")
     rows = []
@@ -103,43 +119,62 @@ def run(args) -> list[dict]:
         for horizon in args.horizons:
             config = replace(PiConfig(variant=model), action_horizon=horizon, num_steps=args.steps)
             print(f"== {model} horizon {horizon}: random full-size weights", flush=True)
-            weights = synthetic.random_state_dict(config, seed=0, device=device, dtype=torch.bfloat16)
-            reference32 = PiModel.from_state_dict(config, weights, device=device, dtype=torch.float32)
-            eager = PiModel.from_state_dict(config, weights, device=device, dtype=torch.bfloat16)
+            # Made on the GPU (fast), kept on the host like a loaded checkpoint, so each
+            # backend's GPU memory is its own.
+            weights = {k: v.cpu() for k, v in synthetic.random_state_dict(
+                config, seed=0, device=device, dtype=torch.bfloat16).items()}
+            torch.cuda.empty_cache()
             for precision in args.precisions:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
                 fast = PiGraphRuntime.from_state_dict(config, weights, device=device, precision=precision)
+                if precision == "fp8":
+                    fast.calibrate([synthetic.random_observation(config, max(args.views), args.prompt_tokens,
+                                                                 seed=1000 + i) for i in range(4)])
                 for views in args.views:
                     obs = synthetic.random_observation(config, views, args.prompt_tokens, seed=views)
-                    fast.sample_actions(*obs)  # captures this bucket
+                    fast.prepare(views, [fast._bucket(args.prompt_tokens)])
                     actions = fast.sample_actions(*obs)
-                    session = fast._session(views)
-                    graph = session.graphs[fast._bucket(args.prompt_tokens)]
+                    graph = fast._session(views).graphs[fast._bucket(args.prompt_tokens)]
                     replay = time_replays(graph, args.iters)
                     call = time_calls(lambda: fast.sample_actions(*obs), args.iters)
-                    eager_ms = time_calls(lambda: eager.sample_actions(*obs), args.eager_iters)
-                    reference = reference32.sample_actions(*obs).cpu()
-                    floor = floor_ms(config, views, args.prompt_tokens, precision)
                     row = dict(model=model, horizon=horizon, views=views, precision=precision,
                                prompt_tokens=args.prompt_tokens, steps=config.num_steps,
                                replay_p50=statistics.median(replay), replay_p90=percentile(replay, 90),
                                call_p50=statistics.median(call), call_p90=percentile(call, 90),
-                               eager_p50=statistics.median(eager_ms), floor_ms=floor,
-                               peak_gb=(torch.cuda.max_memory_allocated() - base) / 1e9,
-                               cos_vs_fp32=cosine(actions, reference))
-                    row["roofline"] = floor / row["replay_p50"]
-                    row["speedup_vs_eager"] = row["eager_p50"] / row["replay_p50"]
+                               floor_ms=floor_ms(config, views, args.prompt_tokens, precision),
+                               peak_gb=(torch.cuda.max_memory_allocated() - base) / 1e9, actions=actions)
+                    if args.breakdown:
+                        row["breakdown_ms"] = breakdown(fast, views, args.prompt_tokens, args.iters // 4 + 1)
                     rows.append(row)
+                del fast
+                torch.cuda.empty_cache()
+            # The eager reference in bf16 (the peer's path) and the fp32 oracle, same inputs.
+            for dtype, key in ((torch.bfloat16, "eager"), (torch.float32, "fp32")):
+                model_ref = PiModel.from_state_dict(config, weights, device=device, dtype=dtype)
+                for row in rows:
+                    if row["model"] != model or row["horizon"] != horizon or "cos_vs_fp32" in row:
+                        continue
+                    obs = synthetic.random_observation(config, row["views"], args.prompt_tokens, seed=row["views"])
+                    if key == "eager":
+                        row["eager_p50"] = statistics.median(time_calls(lambda: model_ref.sample_actions(*obs),
+                                                                        args.eager_iters))
+                    else:
+                        row["cos_vs_fp32"] = cosine(row.pop("actions"), model_ref.sample_actions(*obs).cpu())
+                del model_ref
+                torch.cuda.empty_cache()
+            for row in rows:
+                if row["model"] == model and row["horizon"] == horizon and "roofline" not in row:
+                    row["roofline"] = row["floor_ms"] / row["replay_p50"]
+                    row["speedup_vs_eager"] = row["eager_p50"] / row["replay_p50"]
                     print("  views {views} {precision}: replay p50 {replay_p50:.2f} p90 {replay_p90:.2f} ms | call p50 "
                           "{call_p50:.2f} ms | floor {floor_ms:.2f} ms ({roofline:.0%}) | eager {eager_p50:.1f} ms "
                           "(x{speedup_vs_eager:.1f}) | peak {peak_gb:.1f} GB | cos {cos_vs_fp32:.5f}".format(**row),
                           flush=True)
-                del fast
-                torch.cuda.empty_cache()
-            del reference32, eager, weights
-            torch.cuda.empty_cache()
+                    if "breakdown_ms" in row:
+                        print("    " + ", ".join(f"{k} {v:.2f} ms" for k, v in row["breakdown_ms"].items()))
+            del weights
     return rows
 
 
@@ -153,6 +188,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=48)
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--eager-iters", type=int, default=5)
+    parser.add_argument("--breakdown", action="store_true", help="also time vision / prefix / one flow step")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

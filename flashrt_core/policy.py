@@ -81,10 +81,11 @@ def select_backend(backend: str, device: torch.device, precision: str) -> str:
     return backend
 
 
-def build_backend(name: str, config, weights, device: torch.device, precision: str):
+def build_backend(name: str, config, weights, device: torch.device, precision: str, num_views: int):
     try:
         if name == "graph":
-            return graph_runtime_class().from_state_dict(config, weights, device=device, precision=precision)
+            return graph_runtime_class().from_state_dict(config, weights, device=device, precision=precision,
+                                                         max_views=num_views)
         return PiModel.from_state_dict(config, weights, device=device, dtype=_TORCH_DTYPES[precision])
     except torch.OutOfMemoryError as e:
         free, total = torch.cuda.mem_get_info(device)
@@ -119,7 +120,7 @@ class Policy:
                                          config.discrete_state_input)
 
         weights = load_state_dict(path, config)
-        self._backend = build_backend(backend, config, weights, self.device, precision)
+        self._backend = build_backend(backend, config, weights, self.device, precision, num_views)
         if self.device.type == "cpu" and sum(t.numel() for t in weights.values()) < SINGLE_THREAD_MAX_PARAMS:
             torch.set_num_threads(1)
         del weights
@@ -131,6 +132,15 @@ class Policy:
             precision=precision, backend=backend)
         log.info("loaded %s from %s: %s backend, %s, %s; norm stats %s", config.variant, path, backend,
                  self.device, precision, self.norm.source)
+        self._calibration_file = None
+        if precision == "fp8":
+            from .runtime.precision import calibration_file, checkpoint_fingerprint, load_calibration
+            self._calibration_file = calibration_file(checkpoint_fingerprint(path), f"{config.variant}_v{num_views}")
+            cached = load_calibration(self._calibration_file)
+            if cached is not None:
+                self._backend.calibrate(amax=cached)
+                log.info("FP8 calibration from %s", self._calibration_file)
+        self._capture_graphs()
 
     # -- inputs ----------------------------------------------------------------------------
 
@@ -157,6 +167,46 @@ class Policy:
             raise InputError("noise has non-finite values")
         return torch.from_numpy(noise.copy())
 
+    def _backend_inputs(self, images, state, prompt, noise=None, seed=None):
+        """Host-side preprocessing: the backend's sample_actions arguments, and the prompt."""
+        batch, view_mask = prepare_images(images, self.spec.num_views, self.config.vision.image_size)
+        state = self.norm.state.normalize(self._state(state))
+        prompt = self.tokenizer.tokenize(prompt, state)
+        padded_state = np.zeros(self.config.state_dim, dtype=np.float32)
+        padded_state[:state.shape[0]] = state
+        inputs = (torch.from_numpy(batch), torch.from_numpy(view_mask), torch.from_numpy(prompt.tokens),
+                  torch.from_numpy(prompt.mask), torch.from_numpy(padded_state), self._noise(noise, seed))
+        return inputs, prompt
+
+    def _capture_graphs(self) -> None:
+        """Capture every prompt bucket's graph now (graph backend), so none is captured on the
+        realtime path; FP8 waits until it is calibrated."""
+        prepare = getattr(self._backend, "prepare", None)
+        if prepare is not None:
+            started = time.perf_counter()
+            prepare(self.spec.num_views)
+            log.debug("graphs ready in %.2f s", time.perf_counter() - started)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """FP8 only: no calibration yet (neither cached nor measured)."""
+        return self.spec.precision == "fp8" and not self._backend.fp8_ready
+
+    def calibrate(self, observations) -> None:
+        """Measure FP8 activation scales on representative observations (dicts with images,
+        state, prompt, as predict takes) and cache them for this checkpoint and view count.
+        Real camera frames give better scales than synthetic ones; 8 or more is a good start."""
+        if self.spec.precision != "fp8":
+            raise FlashRTError("calibrate() applies to precision 'fp8'")
+        inputs = [self._backend_inputs(o["images"], o["state"], o["prompt"], seed=0)[0] for o in observations]
+        if not inputs:
+            raise InputError("calibrate() needs at least one observation")
+        amax = self._backend.calibrate(inputs)
+        from .runtime.precision import save_calibration
+        save_calibration(self._calibration_file, amax)
+        log.info("FP8 calibrated on %d observations; cached in %s", len(inputs), self._calibration_file)
+        self._capture_graphs()
+
     # -- API -------------------------------------------------------------------------------
 
     def predict(self, images, state, prompt, noise=None, seed=None) -> PolicyResult:
@@ -165,17 +215,15 @@ class Policy:
         if self._backend is None:
             raise FlashRTError("policy is closed")
         start = time.perf_counter()
-        batch, view_mask = prepare_images(images, self.spec.num_views, self.config.vision.image_size)
-        state = self.norm.state.normalize(self._state(state))
-        prompt = self.tokenizer.tokenize(prompt, state)
-        padded_state = np.zeros(self.config.state_dim, dtype=np.float32)
-        padded_state[:state.shape[0]] = state
-        noise = self._noise(noise, seed)
+        inputs, prompt = self._backend_inputs(images, state, prompt, noise, seed)
+        if self.needs_calibration:
+            log.warning("FP8 is not calibrated for this checkpoint: calibrating on this one observation "
+                        "(not cached); call Policy.calibrate() with real frames for lasting scales")
+            self._backend.calibrate([inputs])
+            self._capture_graphs()
         prepared = time.perf_counter()
 
-        actions = self._backend.sample_actions(
-            torch.from_numpy(batch), torch.from_numpy(view_mask), torch.from_numpy(prompt.tokens),
-            torch.from_numpy(prompt.mask), torch.from_numpy(padded_state), noise).cpu().numpy()
+        actions = self._backend.sample_actions(*inputs).cpu().numpy()
         inferred = time.perf_counter()
 
         actions = self.norm.actions.unnormalize(actions)[:, :self.spec.action_dim].astype(np.float32)

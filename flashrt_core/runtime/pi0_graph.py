@@ -397,10 +397,25 @@ class PiGraphRuntime:
             layer["down"](mlp, out=o)
         norm(0, depth, o, (depth - 1, 1))  # final norm
 
+    def _flow_step(self, s: _Session, prefix_len: int, first_action: int, step: int) -> None:
+        """x_t <- x_t + dt * v(x_t, t_step): embed the actions, run the expert, project, Euler."""
+        cfg, w = self.config, self.w
+        horizon = cfg.action_horizon
+        actions = s.e_res[first_action:first_action + horizon]
+        w.action_in(s.x_t, out=s.a_emb)
+        if not cfg.pi05:  # Pi0 mixes in the time: W_a a + (W_t temb_step + b), swish, out proj
+            torch.addmm(w.action_time_step_bias[step], s.a_emb, w.action_time_in.weight.t(), out=s.a_mlp)
+            F.silu(s.a_mlp, inplace=True)
+            w.action_time_out(s.a_mlp, out=s.a_emb)
+        actions.copy_(s.a_emb)
+        self._expert(s, prefix_len, first_action, horizon, step)
+        s.e_out.copy_(s.e_h[first_action:first_action + horizon])
+        w.action_out(s.e_out, out=s.velocity)
+        ops.euler_step(s.x_t, s.velocity, float(np.float32(-1.0 / cfg.num_steps)))
+
     def _forward(self, s: _Session, bucket: int) -> None:
         cfg, w = self.config, self.w
         prefix_len = s.image_tokens + bucket
-        horizon = cfg.action_horizon
         self._vision(s)
         self._prefix(s, prefix_len)
         first_action = 0
@@ -410,21 +425,8 @@ class PiGraphRuntime:
             self._expert(s, prefix_len, 0, 1, None)
             first_action = 1
         s.x_t.copy_(s.noise)
-        dt = float(np.float32(-1.0 / cfg.num_steps))
-        actions = s.e_res[first_action:first_action + horizon]
         for step in range(cfg.num_steps):
-            w.action_in(s.x_t, out=s.a_emb)
-            if cfg.pi05:
-                actions.copy_(s.a_emb)
-            else:
-                torch.addmm(w.action_time_step_bias[step], s.a_emb, w.action_time_in.weight.t(), out=s.a_mlp)
-                F.silu(s.a_mlp, inplace=True)
-                w.action_time_out(s.a_mlp, out=s.a_emb)
-                actions.copy_(s.a_emb)
-            self._expert(s, prefix_len, first_action, horizon, step)
-            s.e_out.copy_(s.e_h[first_action:first_action + horizon])
-            w.action_out(s.e_out, out=s.velocity)
-            ops.euler_step(s.x_t, s.velocity, dt)
+            self._flow_step(s, prefix_len, first_action, step)
 
     # -- host side ------------------------------------------------------------------------
 
@@ -483,9 +485,7 @@ class PiGraphRuntime:
     @torch.inference_mode()
     def sample_actions(self, images, image_mask, tokens, token_mask, state, noise) -> torch.Tensor:
         if self.precision == "fp8" and not self.fp8_ready:
-            log.warning("graph runtime: FP8 calibrated on a single observation (call calibrate() "
-                        "with representative frames for better scales)")
-            self.calibrate([(images, image_mask, tokens, token_mask, state, noise)])
+            raise RuntimeError("FP8 runtime is not calibrated: call calibrate() first")
         s = self._session(images.shape[0])
         bucket = self._bucket(int(token_mask.sum()))
         with torch.cuda.device(self.device) if self.use_graphs else contextlib.nullcontext():
