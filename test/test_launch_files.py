@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -87,7 +88,7 @@ def start_launch(arguments: dict[str, str]) -> subprocess.Popen:
     command += [f"{name}:={value}" for name, value in arguments.items()]
     # Own process group: a test that fails can kill launch and the node it started.
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, cwd=tempfile.gettempdir())
 
 
 class StateQuery:

@@ -6,14 +6,16 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 
+import numpy as np
 import pytest
 import rclpy
 from policy_harness import (  # noqa: F401 - fixtures
     CAMERAS, JOINT_TOPIC, Recorder, RobotSim, action_names, domain_id, joint_names,
     tiny_checkpoint, tiny_spec, trajectory_joints, wait_until)
 
-from flashrt_ros.launcher import Spinner
+from flashrt_ros.launcher import Spinner, packaged_parameters
 
 pytestmark = pytest.mark.ros
 
@@ -25,8 +27,10 @@ def start_run_policy(checkpoint, joint_names, action_names) -> subprocess.Popen:
     code = ("import sys; from flashrt_ros.launcher import run_policy; "
             f"sys.exit(run_policy('pi05', {str(checkpoint)!r}, {overrides!r}))")
     env = dict(os.environ, ROS_DOMAIN_ID=str(domain_id()))
-    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    # Not from the repository root: `python -c` puts the cwd first on sys.path, and the
+    # source tree's flashrt_ros has no generated messages (docs/ARCHITECTURE.md).
+    return subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tempfile.gettempdir(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.fixture
@@ -60,8 +64,14 @@ def test_run_policy_serves_until_signal_then_holds(robot_and_recorder, tiny_chec
     assert wait_until(lambda: len(recorder.snapshot().trajectories[-1].points) == 1, timeout=5)
     hold = recorder.snapshot().trajectories[-1]
     assert list(hold.joint_names) == trajectory_joints
-    assert hold.points[0].positions == pytest.approx(
-        list(robot.positions[:len(trajectory_joints)]), abs=1e-6)
+    # run_policy starts from the packaged config (as the launch file): its joint limits
+    # clamp the hold.
+    packaged = packaged_parameters("pi05")
+    n = len(trajectory_joints)
+    expected = np.clip(robot.positions[:n], packaged["joint_limits_lower"][:n],
+                       packaged["joint_limits_upper"][:n])
+    assert not np.allclose(expected, robot.positions[:n])  # the clamp is visible
+    np.testing.assert_allclose(hold.points[0].positions, expected, atol=1e-6)
     assert "cleaned up" in output
 
 
