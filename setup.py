@@ -21,6 +21,6 @@ setup(
         "safetensors>=0.4",
         "sentencepiece>=0.2",
         "tokenizers>=0.20",
-        "pyyaml>=6",
+        "pillow>=10",
     ],
 )
