@@ -5,10 +5,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from policy_harness import action_names, joint_names, tiny_checkpoint, tiny_spec  # noqa: F401
 
 from flashrt_ros import cli
 from flashrt_ros.params import SUPPORTED_POLICY_MODELS
@@ -154,3 +157,63 @@ def test_node_subcommand_passes_ros_args_to_the_node(flashrt_ros_command, rclpy_
         output, _ = process.communicate(timeout=30)
     assert seen, f"the node never appeared in the ROS graph; its output:\n{output}"
     assert process.returncode == 0, output
+
+
+class OutputWatcher:
+    """Collects a process's output lines in a thread; wait(text) until one contains it."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(process.stdout,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+
+    def wait(self, text: str, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: any(text in line for line in self.lines),
+                                          timeout=timeout)
+
+    def text(self) -> str:
+        self._thread.join(timeout=10)
+        return "".join(self.lines)
+
+
+def start_run(command: str, *args) -> tuple[subprocess.Popen, OutputWatcher]:
+    process = subprocess.Popen([command, "run", *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    return process, OutputWatcher(process)
+
+
+@pytest.mark.ros
+def test_run_brings_the_node_to_active_and_down_on_sigint(
+        flashrt_ros_command, tiny_checkpoint, joint_names, action_names, tmp_path):
+    params = params_file(tmp_path, f"device: cpu\njoint_names: {joint_names}\n"
+                                   f"action_names: {action_names}")
+    process, output = start_run(flashrt_ros_command, "pi05", "--checkpoint", tiny_checkpoint,
+                                "--params", params, "--set", "rate_hz=5")
+    try:
+        active = output.wait("active: inference at 5 Hz", timeout=120)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    log = output.text()
+    assert active, log
+    assert process.returncode == 0, log
+    assert "cleaned up" in log and "Traceback" not in log
+
+
+@pytest.mark.ros
+def test_run_on_a_directory_that_is_no_checkpoint_fails_cleanly(flashrt_ros_command,
+                                                                checkpoint_dir):
+    process, output = start_run(flashrt_ros_command, "pi05", "--checkpoint", checkpoint_dir,
+                                "--set", "device=cpu")
+    process.wait(timeout=120)
+    log = output.text()
+    assert process.returncode == 1, log
+    assert "configure failed" in log and "Traceback" not in log
