@@ -24,10 +24,18 @@ Run the node with a MultiThreadedExecutor (flashrt_ros.launcher does).
 
 Safety: a chunk with a non-finite value is never published; values are clamped to
 joint_limits_lower/upper after that check (clamping would hide an inf).
+
+Garbage collection: after configure the process holds ~300k Python objects (torch,
+rclpy, the model); a full cyclic collection over them stops every thread for ~150 ms
+on a small CPU, several ticks at 20 Hz. Configure therefore ends with gc.freeze(),
+which moves everything alive into the permanent generation that collections skip;
+cleanup unfreezes and collects so the released engine's memory is returned. Both are
+process-wide (the node is meant to own its process).
 """
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from dataclasses import dataclass, field
@@ -277,6 +285,8 @@ class PolicyNode(LifecycleNode):
                            state=np.zeros(spec.state_dim, np.float32),
                            prompt=values["prompt"] or "warm up", seed=0)
             log.info(f"warm-up done in {time.monotonic() - started:.2f} s")
+            gc.collect()
+            gc.freeze()  # see the module docstring
             return engine
         except BaseException:
             policy.close()
@@ -438,6 +448,9 @@ class PolicyNode(LifecycleNode):
                 self.destroy_lifecycle_publisher(publisher)
         with self._engine_lock:
             engine.policy.close()
+        del engine
+        gc.unfreeze()
+        gc.collect()
 
     # ------------------------------------------------------------------ inputs
 
