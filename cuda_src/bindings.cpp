@@ -11,6 +11,7 @@
 #include <string>
 
 #include "dtype_codes.h"
+#include "expert_bindings.h"
 #include "launchers.h"
 
 namespace py = pybind11;
@@ -185,4 +186,6 @@ PYBIND11_MODULE(_kernels, m) {
       py::arg("bias_row_stride"), py::arg("scale"), py::arg("act_dtype"), py::arg("qkv") = 0, py::arg("cos") = 0,
       py::arg("sin") = 0, py::arg("positions") = 0, py::arg("max_pos") = 0, py::arg("fresh_offset") = 0,
       py::arg("cache_rows") = 0, py::arg("stream"));
+
+  bind_expert_kernels(m);  // small_m_linear, expert_decode_attention (expert_bindings.h)
 }

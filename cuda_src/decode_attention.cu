@@ -141,6 +141,25 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const __grid
   // V (transposed): keys (lane / 8 % 2) * 8 + lane % 8, columns 32 * warp + (lane / 16) * 8
   const __nv_bfloat16* v_lane = vs + (((lane >> 3) & 1) * 8 + (lane & 7)) * kRowPad + warp * 32 + (lane >> 4) * 8;
 
+  // Bias of this thread's scores (rows g, g + 8 of each row tile; keys 8w + 2c, + 1),
+  // log2 units, -inf past the split; loaded while the K tile is in flight.
+  auto load_bias = [&](int t, float (&b)[kMT][4]) {
+    const int key = key_begin + t * kKeyTile + warp * 8 + 2 * c;
+#pragma unroll
+    for (int i = 0; i < kMT; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = row0 + 16 * i + g + (e >> 1) * 8;
+        const int kk = key + (e & 1);
+        b[i][e] = kk < key_end ? 0.f : -INFINITY;
+        if (p.bias != nullptr && kk < key_end && r < p.rows)
+          b[i][e] = p.bias[(r / p.group) * p.bias_row_stride + kk] * kLog2e;
+      }
+    }
+  };
+  float bias[kMT][4];
+  load_bias(0, bias);
+
   float o[kMT][4][4] = {};
   for (int t = 0; t < tiles; ++t) {
     copy_async_wait<1>();
@@ -162,19 +181,10 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const __grid
     }
 
     // scores in log2 units; masked (bias -inf, past the split) -> -inf
-    const int key = key_begin + t * kKeyTile + warp * 8 + 2 * c;
 #pragma unroll
     for (int i = 0; i < kMT; ++i) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = row0 + 16 * i + g + (e >> 1) * 8;
-        const int kk = key + (e & 1);
-        float b = 0.f;
-        if (p.bias != nullptr && kk < key_end && r < p.rows) {
-          b = p.bias[(r / p.group) * p.bias_row_stride + kk] * kLog2e;
-        }
-        s[i][e] = kk < key_end ? s[i][e] * p.scale_log2 + b : -INFINITY;
-      }
+      for (int e = 0; e < 4; ++e) s[i][e] = s[i][e] * p.scale_log2 + bias[i][e];
       float m0 = fmaxf(s[i][0], s[i][1]);
       float m1 = fmaxf(s[i][2], s[i][3]);
       m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, 1));
@@ -187,7 +197,10 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const __grid
       }
     }
     __syncthreads();  // everyone is done with this K tile
-    if (t + 1 < tiles) load_kv_tile(ks, p.k, p.kv_row_stride, kv_head, key_begin + (t + 1) * kKeyTile, key_end);
+    if (t + 1 < tiles) {
+      load_kv_tile(ks, p.k, p.kv_row_stride, kv_head, key_begin + (t + 1) * kKeyTile, key_end);
+      load_bias(t + 1, bias);
+    }
     copy_async_commit();  // possibly empty: keeps one group per tile
     if (tid < kRows) {
       float tile_max = red_max[tid];
@@ -305,29 +318,57 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const __grid
   cg::cluster_group cluster = cg::this_cluster();
   cluster.sync();
   const int rank = static_cast<int>(cluster.block_rank());
+  // Per row and split: weight exp2(m_s - max) / sum_s(...), all remote statistics read at
+  // once; then each block merges a share of the outputs.
+  static_assert(L::kRedSum == L::kRedMax + sizeof(float) * kWarps * kRows && 2 * kWarps >= kMaxSplitsNonPortable,
+                "red_max + red_sum hold the [rows][16] weights");
+  float* weight = red_max;  // [kRows][16] over red_max and red_sum, free now
+  if (tid < kRows) {
+    float m_s[kMaxSplitsNonPortable], l_s[kMaxSplitsNonPortable];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int sp = 0; sp < kMaxSplitsNonPortable; ++sp) {
+      if (sp < p.splits) {
+        m_s[sp] = cluster.map_shared_rank(row_max, sp)[tid];
+        l_s[sp] = cluster.map_shared_rank(row_sum, sp)[tid];
+        mx = fmaxf(mx, m_s[sp]);
+      }
+    }
+    float sum = 0.f;
+#pragma unroll
+    for (int sp = 0; sp < kMaxSplitsNonPortable; ++sp) {
+      if (sp < p.splits) {
+        m_s[sp] = mx == -INFINITY ? 0.f : exp2f(m_s[sp] - mx);
+        sum += m_s[sp] * l_s[sp];
+      }
+    }
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;  // all keys masked: zeros
+#pragma unroll
+    for (int sp = 0; sp < kMaxSplitsNonPortable; ++sp)
+      if (sp < p.splits) weight[tid * kMaxSplitsNonPortable + sp] = m_s[sp] * inv;
+  }
+  __syncthreads();
   for (int item = rank * kThreads + tid; item < kRows * (kD / 4); item += p.splits * kThreads) {
     const int r = item / (kD / 4);
     const int d = (item % (kD / 4)) * 4;
     if (row0 + r >= p.rows) continue;
-    float mx = -INFINITY;
-    for (int s = 0; s < p.splits; ++s) mx = fmaxf(mx, cluster.map_shared_rank(row_max, s)[r]);
+    float4 part[kMaxSplitsNonPortable];
+#pragma unroll
+    for (int sp = 0; sp < kMaxSplitsNonPortable; ++sp)
+      if (sp < p.splits) part[sp] = *reinterpret_cast<const float4*>(cluster.map_shared_rank(partial, sp) + r * kD + d);
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    float sum = 0.f;
-    if (mx != -INFINITY) {
-      for (int s = 0; s < p.splits; ++s) {
-        const float w = exp2f(cluster.map_shared_rank(row_max, s)[r] - mx);
-        sum += w * cluster.map_shared_rank(row_sum, s)[r];
-        const float4 part = *reinterpret_cast<const float4*>(cluster.map_shared_rank(partial, s) + r * kD + d);
-        acc.x += w * part.x;
-        acc.y += w * part.y;
-        acc.z += w * part.z;
-        acc.w += w * part.w;
-      }
+#pragma unroll
+    for (int sp = 0; sp < kMaxSplitsNonPortable; ++sp) {
+      if (sp >= p.splits) break;
+      const float w = weight[r * kMaxSplitsNonPortable + sp];
+      acc.x += w * part[sp].x;
+      acc.y += w * part[sp].y;
+      acc.z += w * part[sp].z;
+      acc.w += w * part[sp].w;
     }
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
     uint2 packed;
-    packed.x = pack_bf16x2(acc.x * inv, acc.y * inv);
-    packed.y = pack_bf16x2(acc.z * inv, acc.w * inv);
+    packed.x = pack_bf16x2(acc.x, acc.y);
+    packed.y = pack_bf16x2(acc.z, acc.w);
     *reinterpret_cast<uint2*>(p.out + out_offset(row0 + r, d)) = packed;
   }
   cluster.sync();  // peers read this block's shared memory until here

@@ -76,7 +76,7 @@ inline void bind_expert_kernels(pybind11::module_& m) {
       py::arg("split_k"), py::arg("max_groups"), py::arg("pdl"), py::arg("stream"));
 
   m.def("small_m_linear_supported", &flashrt::expert::small_m_linear_supported, py::kw_only(), py::arg("m"),
-        py::arg("n"), py::arg("k"), py::arg("w_dtype"));
+        py::arg("n"), py::arg("k"), py::arg("w_dtype"), py::arg("prologue"));
 
   m.def(
       "expert_decode_attention",

@@ -75,8 +75,9 @@ struct SmallMLinearArgs {
 };
 void small_m_linear(const SmallMLinearArgs& a, void* stream);
 
-// Whether small_m_linear takes this shape (M, K divisibility, split) without raising.
-bool small_m_linear_supported(int64_t m, int64_t n, int64_t k, int w_dtype);
+// Whether small_m_linear takes this shape with the automatic split (M, N, K divisibility,
+// the x tile in shared memory: a norm prologue keeps all of K in one block).
+bool small_m_linear_supported(int64_t m, int64_t n, int64_t k, int w_dtype, int prologue);
 
 // out[M, Hq, D] = softmax(q k^T * scale + bias) v, q [M, Hq, D] bf16, k / v rows
 // [keys, Hkv, D] bf16 with `kv_row_stride` elements between keys; bias fp32 [keys]

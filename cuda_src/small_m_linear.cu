@@ -21,11 +21,14 @@
 //
 // Pipeline: each lane keeps two stages of 4 chunks (8 x 16 B of W) in registers; the
 // first two are issued before waiting on the previous kernel (PDL), so the weight
-// stream starts while that kernel drains. The prologue (row RMS over the full K, norm,
-// modulation, rounding to bf16) runs while staging x into shared memory, once per
-// block; prologue and residual dtype are switches there and in the epilogue (once per
-// tile), while the per-chunk loop is specialised at compile time (weight format,
-// token tiles, epilogue).
+// stream starts while that kernel drains. After the wait, x (bf16) and the norm vectors
+// arrive in one cp.async wave; the prologue (row RMS over the full K, norm, modulation,
+// rounding to bf16) then runs in shared memory, once per block. Every memory round trip
+// after the wait is on the critical path of a ~3 us kernel, so they are batched: one for
+// x, one for the epilogue's loads (issued before its stores), RoPE positions read with x.
+// Prologue and residual dtype are switches in that once-per-block / once-per-tile code;
+// the per-chunk loop is specialised at compile time (weight format, token tiles,
+// epilogue).
 #include <cooperative_groups.h>
 
 #include <cmath>
@@ -157,58 +160,133 @@ __device__ __forceinline__ void mma_stage(float (&acc)[kMT][4], const Stage<kFp8
   }
 }
 
-// Stages rows [0, 8 * kMT) of x's K range [k_begin, k_begin + k_block) as bf16 in shared
-// memory, prologue applied; rows >= M are zeros. The RMS of a row is over all of K.
+// y = x * rms * (1 + w) [+ shift] on 8 consecutive features starting at `k` of the
+// shared-memory norm vectors (weight, then shift, each K of param dtype).
+__device__ __forceinline__ void apply_norm(const LinearParams& p, const uint8_t* norm_s, int64_t k, float rms,
+                                           float (&f)[kChunk]) {
+  const int elem = p.param_dtype == kBFloat16 ? 2 : 4;
+  float w[kChunk];
+  load_chunk_dyn(norm_s + k * elem, p.param_dtype, kChunk, true, w);
+#pragma unroll
+  for (int e = 0; e < kChunk; ++e) f[e] = f[e] * rms * (1.f + w[e]);
+  if (p.prologue == kPrologueAdaRmsNorm) {
+    float sh[kChunk];
+    load_chunk_dyn(norm_s + (p.k + k) * elem, p.param_dtype, kChunk, true, sh);
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) f[e] += sh[e];
+  }
+}
+
+// Batches of loads issued together, so staging costs a few memory round trips, not one
+// per chunk (the fp32 path; bf16 x goes through cp.async).
+constexpr int kLoadBatch = 4;
+
+// fp32 x: per-row RMS over all of K, then rows [0, 8 * kMT) of the block's K range
+// normalized, rounded to bf16 and stored; rows >= M are zeros.
 template <int kMT>
-__device__ void stage_x(const LinearParams& p, uint8_t* xs, float* row_rms, int64_t k_begin) {
+__device__ void stage_x_fp32(const LinearParams& p, uint8_t* xs, float* row_rms, const uint8_t* norm_s,
+                             int64_t k_begin) {
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
+  const auto* x = static_cast<const float*>(p.x);
   if (p.prologue != kPrologueNone) {
     for (int r = warp; r < p.m; r += kWarps) {
       float ss = 0.f;
-      for (int64_t kk = lane * kChunk; kk < p.k; kk += 32 * kChunk) {
-        float f[kChunk];
-        if (p.x_dtype == kBFloat16) {
-          load_chunk(static_cast<const __nv_bfloat16*>(p.x) + r * p.x_row_stride + kk, kChunk, true, f);
-        } else {
-          load_chunk(static_cast<const float*>(p.x) + r * p.x_row_stride + kk, kChunk, true, f);
+      for (int64_t base = 0; base < p.k; base += 32 * kChunk * kLoadBatch) {
+        float f[kLoadBatch][kChunk];
+#pragma unroll
+        for (int b = 0; b < kLoadBatch; ++b) {
+          const int64_t kk = base + (b * 32 + lane) * kChunk;
+          load_chunk(x + r * p.x_row_stride + kk, kk < p.k ? kChunk : 0, true, f[b]);
         }
 #pragma unroll
-        for (int e = 0; e < kChunk; ++e) ss += f[e] * f[e];
+        for (int b = 0; b < kLoadBatch; ++b)
+#pragma unroll
+          for (int e = 0; e < kChunk; ++e) ss += f[b][e] * f[b][e];
       }
       ss = warp_sum(ss);
       if (lane == 0) row_rms[r] = rsqrtf(ss / static_cast<float>(p.k) + p.eps);
     }
     __syncthreads();
   }
-  const int row_chunks = p.k_block / kChunk;
-  for (int i = threadIdx.x; i < 8 * kMT * row_chunks; i += kThreads) {
-    const int r = i / row_chunks;
-    const int64_t kk = k_begin + static_cast<int64_t>(i % row_chunks) * kChunk;
-    float f[kChunk] = {};
-    if (r < p.m) {
-      if (p.x_dtype == kBFloat16) {
-        load_chunk(static_cast<const __nv_bfloat16*>(p.x) + r * p.x_row_stride + kk, kChunk, true, f);
-      } else {
-        load_chunk(static_cast<const float*>(p.x) + r * p.x_row_stride + kk, kChunk, true, f);
-      }
-      if (p.prologue != kPrologueNone) {
-        float w[kChunk];
-        load_chunk_dyn(static_cast<const char*>(p.norm_weight) + kk * (p.param_dtype == kBFloat16 ? 2 : 4),
-                       p.param_dtype, kChunk, true, w);
-        const float s = row_rms[r];
+  const int pieces = p.k_block / kChunk;
+  const int total = 8 * kMT * pieces;
+  for (int base = threadIdx.x; base < total; base += kThreads * kLoadBatch) {
+    float f[kLoadBatch][kChunk];
 #pragma unroll
-        for (int e = 0; e < kChunk; ++e) f[e] = f[e] * s * (1.f + w[e]);
-        if (p.prologue == kPrologueAdaRmsNorm) {
-          float sh[kChunk];
-          load_chunk_dyn(static_cast<const char*>(p.norm_shift) + kk * (p.param_dtype == kBFloat16 ? 2 : 4),
-                         p.param_dtype, kChunk, true, sh);
-#pragma unroll
-          for (int e = 0; e < kChunk; ++e) f[e] += sh[e];
-        }
-      }
+    for (int b = 0; b < kLoadBatch; ++b) {
+      const int i = base + b * kThreads;
+      const int r = i / pieces;
+      const bool valid = i < total && r < p.m;
+      load_chunk(x + r * p.x_row_stride + k_begin + (i % pieces) * kChunk, valid ? kChunk : 0, true, f[b]);
     }
-    store_chunk(reinterpret_cast<__nv_bfloat16*>(xs + r * p.xs_stride) + (kk - k_begin), kChunk, true, f);
+#pragma unroll
+    for (int b = 0; b < kLoadBatch; ++b) {
+      const int i = base + b * kThreads;
+      if (i >= total) continue;
+      const int r = i / pieces;
+      const int64_t kk = static_cast<int64_t>(i % pieces) * kChunk;
+      if (r < p.m && p.prologue != kPrologueNone) apply_norm(p, norm_s, k_begin + kk, row_rms[r], f[b]);
+      store_chunk(reinterpret_cast<__nv_bfloat16*>(xs + r * p.xs_stride) + kk, kChunk, true, f[b]);
+    }
+  }
+  __syncthreads();
+}
+
+// Stages rows [0, 8 * kMT) of x's K range [k_begin, k_begin + k_block) as bf16 in shared
+// memory, prologue applied; rows >= M are zeros. bf16 x: one cp.async wave (x rows and
+// norm vectors), then the RMS and the norm in shared memory (a prologue implies split 1,
+// so the block holds whole rows).
+template <int kMT>
+__device__ void stage_x(const LinearParams& p, uint8_t* xs, float* row_rms, uint8_t* norm_s, int64_t k_begin) {
+  const int elem = p.param_dtype == kBFloat16 ? 2 : 4;
+  const int norm_pieces = p.prologue == kPrologueNone ? 0 : static_cast<int>(p.k * elem / 16);
+  for (int i = threadIdx.x; i < norm_pieces; i += kThreads) {
+    copy_async16(norm_s + i * 16, static_cast<const uint8_t*>(p.norm_weight) + i * 16, 16);
+    if (p.prologue == kPrologueAdaRmsNorm)
+      copy_async16(norm_s + p.k * elem + i * 16, static_cast<const uint8_t*>(p.norm_shift) + i * 16, 16);
+  }
+  if (p.x_dtype != kBFloat16) {
+    copy_async_commit();
+    copy_async_wait<0>();
+    __syncthreads();
+    stage_x_fp32<kMT>(p, xs, row_rms, norm_s, k_begin);
+    return;
+  }
+  const auto* x = static_cast<const __nv_bfloat16*>(p.x);
+  const int pieces = p.k_block / kChunk;
+  for (int i = threadIdx.x; i < 8 * kMT * pieces; i += kThreads) {
+    const int r = i / pieces;
+    const bool valid = r < p.m;
+    const __nv_bfloat16* src = valid ? x + r * p.x_row_stride + k_begin + (i % pieces) * kChunk : x;
+    copy_async16(xs + r * p.xs_stride + (i % pieces) * 16, src, valid ? 16 : 0);
+  }
+  copy_async_commit();
+  copy_async_wait<0>();
+  __syncthreads();
+  if (p.prologue == kPrologueNone) return;
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  for (int r = warp; r < p.m; r += kWarps) {
+    float ss = 0.f;
+    for (int q = lane; q < pieces; q += 32) {
+      float f[kChunk];
+      load_chunk(reinterpret_cast<const __nv_bfloat16*>(xs + r * p.xs_stride) + q * kChunk, kChunk, true, f);
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) ss += f[e] * f[e];
+    }
+    ss = warp_sum(ss);
+    if (lane == 0) row_rms[r] = rsqrtf(ss / static_cast<float>(p.k) + p.eps);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < p.m * pieces; i += kThreads) {
+    const int r = i / pieces;
+    const int q = i % pieces;
+    auto* chunk = reinterpret_cast<__nv_bfloat16*>(xs + r * p.xs_stride) + q * kChunk;
+    float f[kChunk];
+    load_chunk(chunk, kChunk, true, f);
+    apply_norm(p, norm_s, static_cast<int64_t>(q) * kChunk, row_rms[r], f);
+    store_chunk(chunk, kChunk, true, f);
   }
   __syncthreads();
 }
@@ -222,93 +300,141 @@ __device__ __forceinline__ void store_bf16(void* base, int64_t i, float v) {
   static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(v);
 }
 
-// Output of rows na (= a) and na + 8 (= b) of tile `tile` for token t.
+// Per-thread values of the QKV epilogue that do not depend on the tile, read right
+// after the dependency wait so they are in registers by the epilogue.
+struct RopeTokens {
+  int pos[2] = {0, 0};
+  int cache_offset = 0;
+};
+
 template <int kEpi>
-__device__ __forceinline__ void emit(const LinearParams& p, int tile, int g, int t, float a, float b) {
+__device__ __forceinline__ RopeTokens prefetch_rope(const LinearParams& p, int item) {
+  RopeTokens r;
+  if constexpr (kEpi == kEpilogueQkvRope) {
+    const int t0 = 8 * (item >> 5) + 2 * (item & 3);
+    r.cache_offset = *p.cache_offset;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) r.pos[u] = t0 + u < p.m ? p.positions[t0 + u] : 0;
+  }
+  return r;
+}
+
+// Accumulator item (token tile j, lane l) of `tile`: v = rows na = 16 tile + g and
+// nb = na + 8, tokens t0 = 8j + 2c (v.x, v.z) and t0 + 1 (v.y, v.w). Every load of the
+// epilogue is issued before the first store (stores may alias loads for the compiler,
+// which would otherwise serialize one memory round trip per token).
+template <bool kFp8, int kEpi>
+__device__ __forceinline__ void finish_item(const LinearParams& p, int tile, int item, float4 v,
+                                            const RopeTokens& rope) {
+  const int j = item >> 5;
+  const int g = (item & 31) >> 2;
+  const int c = item & 3;
   const int na = tile * kTileRows + g;
   const int nb = na + 8;
+  const int t0 = 8 * j + 2 * c;
+  const bool has[2] = {t0 < p.m, t0 + 1 < p.m};
+  float a[2] = {v.x, v.y};  // row na, tokens t0, t0 + 1
+  float b[2] = {v.z, v.w};  // row nb
+  if constexpr (kFp8) {
+    const float sa = p.w_scale[na];
+    const float sb = p.w_scale[nb];
+    a[0] *= sa;
+    a[1] *= sa;
+    b[0] *= sb;
+    b[1] *= sb;
+  }
   if constexpr (kEpi == kEpilogueStore) {
+    float ba = 0.f, bb = 0.f;
     if (p.bias != nullptr) {
-      a += load_param(p.bias, p.param_dtype, na);
-      b += load_param(p.bias, p.param_dtype, nb);
+      ba = load_param(p.bias, p.param_dtype, na);
+      bb = load_param(p.bias, p.param_dtype, nb);
     }
-    store_bf16(p.out, t * p.out_row_stride + na, a);
-    store_bf16(p.out, t * p.out_row_stride + nb, b);
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      if (!has[u]) continue;
+      store_bf16(p.out, (t0 + u) * p.out_row_stride + na, a[u] + ba);
+      store_bf16(p.out, (t0 + u) * p.out_row_stride + nb, b[u] + bb);
+    }
   } else if constexpr (kEpi == kEpilogueGatedResidual) {
+    float ga = 1.f, gb = 1.f;
     if (p.gate != nullptr) {
-      a *= load_param(p.gate, p.param_dtype, na);
-      b *= load_param(p.gate, p.param_dtype, nb);
+      ga = load_param(p.gate, p.param_dtype, na);
+      gb = load_param(p.gate, p.param_dtype, nb);
     }
-    const int64_t ia = t * p.residual_row_stride + na;
-    const int64_t ib = t * p.residual_row_stride + nb;
-    if (p.residual_dtype == kBFloat16) {
-      auto* r = static_cast<__nv_bfloat16*>(p.residual);
-      r[ia] = __float2bfloat16_rn(__bfloat162float(r[ia]) + a);
-      r[ib] = __float2bfloat16_rn(__bfloat162float(r[ib]) + b);
-    } else {
-      auto* r = static_cast<float*>(p.residual);
-      r[ia] += a;
-      r[ib] += b;
+    float ra[2] = {0.f, 0.f}, rb[2] = {0.f, 0.f};
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      if (!has[u]) continue;
+      const int64_t row = (t0 + u) * p.residual_row_stride;
+      ra[u] = load_param(p.residual, p.residual_dtype, row + na);
+      rb[u] = load_param(p.residual, p.residual_dtype, row + nb);
+    }
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      if (!has[u]) continue;
+      const int64_t row = (t0 + u) * p.residual_row_stride;
+      const float ya = ra[u] + ga * a[u];
+      const float yb = rb[u] + gb * b[u];
+      if (p.residual_dtype == kBFloat16) {
+        store_bf16(p.residual, row + na, ya);
+        store_bf16(p.residual, row + nb, yb);
+      } else {
+        static_cast<float*>(p.residual)[row + na] = ya;
+        static_cast<float*>(p.residual)[row + nb] = yb;
+      }
     }
   } else if constexpr (kEpi == kEpilogueGeluTanhMul) {
-    store_bf16(p.out, t * p.out_row_stride + tile * 8 + g, gelu_tanh(a) * b);
-  } else {  // kEpilogueQkvRope: a, b are dims d and d + D/2 of one head
+#pragma unroll
+    for (int u = 0; u < 2; ++u)
+      if (has[u]) store_bf16(p.out, (t0 + u) * p.out_row_stride + tile * 8 + g, gelu_tanh(a[u]) * b[u]);
+  } else {  // kEpilogueQkvRope: na, nb are dims d and d + D/2 of one head
     const int tiles_per_head = p.head_dim / kTileRows;
     const int head = tile / tiles_per_head;
     const int d = (tile % tiles_per_head) * 8 + g;
     const int half = p.head_dim / 2;
-    if (head < p.num_q_heads + p.num_kv_heads) {
-      const int pos = p.positions[t];
-      float cs = NAN, sn = NAN;
-      if (pos >= 0 && pos < p.max_pos) {
-        cs = p.cos[static_cast<int64_t>(pos) * half + d];
-        sn = p.sin[static_cast<int64_t>(pos) * half + d];
+    const bool rotate = head < p.num_q_heads + p.num_kv_heads;
+    if (rotate) {
+      float cs[2], sn[2];
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int pos = rope.pos[u];
+        const bool ok = has[u] && pos >= 0 && pos < p.max_pos;
+        cs[u] = ok ? p.cos[static_cast<int64_t>(pos) * half + d] : NAN;
+        sn[u] = ok ? p.sin[static_cast<int64_t>(pos) * half + d] : NAN;
       }
-      const float ra = a * cs - b * sn;
-      const float rb = b * cs + a * sn;
-      if (head < p.num_q_heads) {
-        const int64_t base = (static_cast<int64_t>(t) * p.num_q_heads + head) * p.head_dim;
-        store_bf16(p.q_out, base + d, ra * p.q_scale);
-        store_bf16(p.q_out, base + d + half, rb * p.q_scale);
-        return;
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const float ra = a[u] * cs[u] - b[u] * sn[u];
+        const float rb = b[u] * cs[u] + a[u] * sn[u];
+        a[u] = ra;
+        b[u] = rb;
       }
-      a = ra;
-      b = rb;
     }
-    const int64_t row = static_cast<int64_t>(*p.cache_offset) + t;
-    if (row < 0 || row >= p.cache_rows) return;
-    const bool is_k = head < p.num_q_heads + p.num_kv_heads;
-    const int kv_head = head - p.num_q_heads - (is_k ? 0 : p.num_kv_heads);
-    const int64_t base = (row * p.num_kv_heads + kv_head) * p.head_dim;
-    void* cache = is_k ? p.k_cache : p.v_cache;
-    store_bf16(cache, base + d, a);
-    store_bf16(cache, base + d + half, b);
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      if (!has[u]) continue;
+      if (head < p.num_q_heads) {
+        const int64_t base = (static_cast<int64_t>(t0 + u) * p.num_q_heads + head) * p.head_dim;
+        store_bf16(p.q_out, base + d, a[u] * p.q_scale);
+        store_bf16(p.q_out, base + d + half, b[u] * p.q_scale);
+        continue;
+      }
+      const int64_t row = static_cast<int64_t>(rope.cache_offset) + t0 + u;
+      if (row < 0 || row >= p.cache_rows) continue;
+      const int kv_head = head - p.num_q_heads - (rotate ? 0 : p.num_kv_heads);
+      const int64_t base = (row * p.num_kv_heads + kv_head) * p.head_dim;
+      void* cache = rotate ? p.k_cache : p.v_cache;
+      store_bf16(cache, base + d, a[u]);
+      store_bf16(cache, base + d + half, b[u]);
+    }
   }
-}
-
-// Accumulator item (token tile j, lane l) of `tile`: rows g, g + 8 x tokens 8j + 2c, + 1.
-template <bool kFp8, int kEpi>
-__device__ __forceinline__ void finish_item(const LinearParams& p, int tile, int item, float4 v) {
-  const int j = item >> 5;
-  const int g = (item & 31) >> 2;
-  const int c = item & 3;
-  if constexpr (kFp8) {
-    const float sa = p.w_scale[tile * kTileRows + g];
-    const float sb = p.w_scale[tile * kTileRows + g + 8];
-    v.x *= sa;
-    v.y *= sa;
-    v.z *= sb;
-    v.w *= sb;
-  }
-  const int t0 = 8 * j + 2 * c;
-  if (t0 < p.m) emit<kEpi>(p, tile, g, t0, v.x, v.z);
-  if (t0 + 1 < p.m) emit<kEpi>(p, tile, g, t0 + 1, v.y, v.w);
 }
 
 // Sums the warps' partial tiles (and the cluster's blocks'), then runs the epilogue.
 // Every thread of the block (of the cluster) calls it for the same tile.
 template <bool kFp8, int kMT, int kEpi>
-__device__ void finish_tile(const LinearParams& p, int tile, float (&acc)[kMT][4], float4* red, float4* part) {
+__device__ void finish_tile(const LinearParams& p, int tile, float (&acc)[kMT][4], float4* red, float4* part,
+                            const RopeTokens& rope) {
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
 #pragma unroll
@@ -331,7 +457,7 @@ __device__ void finish_tile(const LinearParams& p, int tile, float (&acc)[kMT][4
     }
   }
   if (p.split == 1) {
-    if (item < kItems) finish_item<kFp8, kEpi>(p, tile, item, v);
+    if (item < kItems) finish_item<kFp8, kEpi>(p, tile, item, v, rope);
     __syncthreads();  // red is rewritten by the next tile
     return;
   }
@@ -341,15 +467,26 @@ __device__ void finish_tile(const LinearParams& p, int tile, float (&acc)[kMT][4
   cluster.sync();
   const int rank = static_cast<int>(cluster.block_rank());
   if (item < kItems && item % p.split == rank) {
+    // Remote loads four at a time (in flight together; registers are scarce here, the
+    // next tile's weights are arriving), summed in rank order: the same sum whichever
+    // block adds.
+    constexpr int kBatch = 4;
     float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int r = 0; r < p.split; ++r) {  // rank order: the same sum whichever block adds
-      const float4 o = cluster.map_shared_rank(part, r)[item];
-      s.x += o.x;
-      s.y += o.y;
-      s.z += o.z;
-      s.w += o.w;
+    for (int base = 0; base < p.split; base += kBatch) {
+      float4 o[kBatch];
+#pragma unroll
+      for (int r = 0; r < kBatch; ++r)
+        if (base + r < p.split) o[r] = cluster.map_shared_rank(part, base + r)[item];
+#pragma unroll
+      for (int r = 0; r < kBatch; ++r) {
+        if (base + r >= p.split) break;
+        s.x += o[r].x;
+        s.y += o[r].y;
+        s.z += o[r].z;
+        s.w += o[r].w;
+      }
     }
-    finish_item<kFp8, kEpi>(p, tile, item, s);
+    finish_item<kFp8, kEpi>(p, tile, item, s, rope);
   }
   cluster.sync();  // peers read `part` until here; red / part are rewritten next tile
 #endif
@@ -362,6 +499,7 @@ __global__ void __launch_bounds__(kThreads, 2) small_m_linear_kernel(const __gri
   float4* red = reinterpret_cast<float4*>(smem + 8 * kMT * p.xs_stride);
   float4* part = red + kWarps * kMT * 32;
   float* row_rms = reinterpret_cast<float*>(part + kMT * 32);
+  uint8_t* norm_s = reinterpret_cast<uint8_t*>(row_rms + kMaxM);  // norm weight | shift
 
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
@@ -390,17 +528,18 @@ __global__ void __launch_bounds__(kThreads, 2) small_m_linear_kernel(const __gri
   if (total > 0) load_stage(sa, stage_w(0), p.w_row_bytes, stage_first(0), chunks);
   if (total > 1) load_stage(sb, stage_w(1), p.w_row_bytes, stage_first(1), chunks);
   wait_for_producer();
-  stage_x<kMT>(p, xs, row_rms, k_block_begin);
+  const RopeTokens rope = prefetch_rope<kEpi>(p, threadIdx.x < kMT * 32 ? threadIdx.x : 0);
+  stage_x<kMT>(p, xs, row_rms, norm_s, k_block_begin);
 
   float acc[kMT][4] = {};
   for (int s = 0; s < total; s += 2) {
     mma_stage<kFp8, kMT>(acc, sa, xs_lane, p.xs_stride, stage_first(s), chunks);
     if (s + 2 < total) load_stage(sa, stage_w(s + 2), p.w_row_bytes, stage_first(s + 2), chunks);
-    if ((s + 1) % stages_per_tile == 0) finish_tile<kFp8, kMT, kEpi>(p, stage_tile(s), acc, red, part);
+    if ((s + 1) % stages_per_tile == 0) finish_tile<kFp8, kMT, kEpi>(p, stage_tile(s), acc, red, part, rope);
     if (s + 1 < total) {
       mma_stage<kFp8, kMT>(acc, sb, xs_lane, p.xs_stride, stage_first(s + 1), chunks);
       if (s + 3 < total) load_stage(sb, stage_w(s + 3), p.w_row_bytes, stage_first(s + 3), chunks);
-      if ((s + 2) % stages_per_tile == 0) finish_tile<kFp8, kMT, kEpi>(p, stage_tile(s + 1), acc, red, part);
+      if ((s + 2) % stages_per_tile == 0) finish_tile<kFp8, kMT, kEpi>(p, stage_tile(s + 1), acc, red, part, rope);
     }
   }
 }
@@ -458,11 +597,78 @@ void check_param_vector(const void* p, const char* what) {
   require(aligned16(p), "small_m_linear", std::string(what) + " must be 16-byte aligned");
 }
 
+// Bytes per staged bf16 x row of a block's K range. Lanes of a phase read 16 B pieces of
+// two rows: 64 B apart (bf16 W) or at 32 B steps (fp8 W); a row stride of 64 (bf16) or
+// 16 (fp8) mod 128 keeps them on distinct banks.
+int xs_stride_for(int64_t k_block, bool fp8) {
+  const int want = fp8 ? 16 : 64;
+  const int bytes = static_cast<int>(k_block * 2);
+  return bytes + ((want - bytes % 128) + 128) % 128;
+}
+
+size_t smem_for(int64_t m, int64_t k, int split, bool fp8, int prologue, int param_dtype) {
+  const int mt = token_tiles_for(m);
+  const size_t norm_bytes = prologue == kPrologueNone ? 0 : 2 * k * (param_dtype == kBFloat16 ? 2 : 4);
+  return static_cast<size_t>(8 * mt) * xs_stride_for(k / split, fp8) +
+         static_cast<size_t>(kWarps + 1) * mt * 32 * 16 + kMaxM * sizeof(float) + norm_bytes;
+}
+
+struct Plan {
+  int split = 1;
+  size_t smem = 0;
+  std::string error;  // empty: launchable
+};
+
+// Blocks per tile (split) and shared memory of a launch; `requested` 0 picks the split.
+// Measured on H100 (bench/expert_kernels_bench.py): a cluster split costs ~1 us (launch,
+// two cluster barriers, remote reads), so it pays only where one block per tile would
+// stream a long K (>= 1 KiB of a W row per warp) on under half the SMs (N = 1024,
+// K = 4096 bf16); larger splits are taken only to fit the x tile in shared memory.
+Plan plan_linear(int64_t m, int64_t n, int64_t k, int w_dtype, int prologue, int param_dtype, int requested) {
+  Plan plan;
+  const DeviceInfo& dev = device_info();
+  const bool fp8 = w_dtype == kFloat8E4M3;
+  const int chunk_k = chunk_k_for(w_dtype);
+  const int64_t tiles = n / kTileRows;
+  const bool clusters = dev.cc_major >= 9;
+  auto divides = [&](int split) { return k % (split * kWarps * chunk_k) == 0; };
+  auto fits = [&](int split) {
+    return smem_for(m, k, split, fp8, prologue, param_dtype) <= static_cast<size_t>(dev.max_smem_optin);
+  };
+  int split = requested;
+  if (split <= 0) {
+    split = 1;
+    if (clusters && prologue == kPrologueNone) {
+      while (split < kMaxSplit && tiles * split * 2 <= dev.sms &&
+             k * (fp8 ? 1 : 2) / (kWarps * split) >= 1024 && divides(split * 2))
+        split *= 2;
+      while (split < kMaxSplit && !fits(split) && divides(split * 2)) split *= 2;
+    }
+  }
+  plan.split = split;
+  plan.smem = smem_for(m, k, split, fp8, prologue, param_dtype);
+  if (split < 1 || split > kMaxSplit || !divides(split)) {
+    plan.error = "split_k " + std::to_string(split) + " must be in [1, 8] and divide K into warp chunks";
+  } else if (split > 1 && !clusters) {
+    plan.error = "split_k > 1 needs thread-block clusters (sm_90+)";
+  } else if (split > 1 && prologue != kPrologueNone) {
+    plan.error = "a norm prologue needs whole rows in one block: split_k must be 1";
+  } else if (!fits(split)) {
+    plan.error = "the x tile needs " + std::to_string(plan.smem) + " bytes of shared memory (" +
+                 (prologue == kPrologueNone ? std::string("use a larger split_k")
+                                            : std::string("a norm prologue keeps all of K: M x K is too large")) +
+                 ")";
+  }
+  return plan;
+}
+
 }  // namespace
 
-bool small_m_linear_supported(int64_t m, int64_t n, int64_t k, int w_dtype) {
-  return m >= 1 && m <= kMaxM && n > 0 && n % kTileRows == 0 && k > 0 && k % (kWarps * chunk_k_for(w_dtype)) == 0 &&
-         (w_dtype == kBFloat16 || w_dtype == kFloat8E4M3);
+bool small_m_linear_supported(int64_t m, int64_t n, int64_t k, int w_dtype, int prologue) {
+  if (m < 1 || m > kMaxM || n <= 0 || n % kTileRows || k <= 0 || (w_dtype != kBFloat16 && w_dtype != kFloat8E4M3) ||
+      k % (kWarps * chunk_k_for(w_dtype)) || prologue < kPrologueNone || prologue > kPrologueAdaRmsNorm)
+    return false;
+  return plan_linear(m, n, k, w_dtype, prologue, kFloat32, 0).error.empty();
 }
 
 void small_m_linear(const SmallMLinearArgs& a, void* stream) {
@@ -514,17 +720,9 @@ void small_m_linear(const SmallMLinearArgs& a, void* stream) {
 
   const DeviceInfo& dev = device_info();
   const int tiles = static_cast<int>(a.n / kTileRows);
-  const bool clusters = dev.cc_major >= 9;
-  int split = a.split_k;
-  if (split <= 0) {  // fewest blocks per tile that still give every SM a block
-    split = 1;
-    while (clusters && split < kMaxSplit && static_cast<int64_t>(tiles) * split < dev.sms &&
-           a.k % (2 * split * kWarps * chunk_k) == 0)
-      split *= 2;
-  }
-  require(split >= 1 && split <= kMaxSplit && a.k % (split * kWarps * chunk_k) == 0, name,
-          "split_k " + std::to_string(split) + " must be in [1, 8] and divide K into warp chunks");
-  require(split == 1 || clusters, name, "split_k > 1 needs thread-block clusters (sm_90+)");
+  const Plan plan = plan_linear(a.m, a.n, a.k, a.w_dtype, a.prologue, a.param_dtype, a.split_k);
+  require(plan.error.empty(), name, plan.error);
+  const int split = plan.split;
 
   LinearParams p = {};
   p.x = a.x;
@@ -541,10 +739,7 @@ void small_m_linear(const SmallMLinearArgs& a, void* stream) {
   p.k_warp = p.k_block / kWarps;
   p.warp_chunks = p.k_warp / chunk_k;
   p.tiles = tiles;
-  // bf16 W: lanes of a phase read 64 B of rows 2i and 2i+1 -> row stride = 64 mod 128;
-  // fp8 W: 16 B at 32 B steps -> row stride = 16 mod 128 (no bank conflicts either way)
-  const int want = fp8 ? 16 : 64;
-  p.xs_stride = p.k_block * 2 + ((want - (p.k_block * 2) % 128) + 128) % 128;
+  p.xs_stride = xs_stride_for(p.k_block, fp8);
   p.prologue = a.prologue;
   p.norm_weight = a.norm_weight;
   p.norm_shift = a.norm_shift;
@@ -572,18 +767,14 @@ void small_m_linear(const SmallMLinearArgs& a, void* stream) {
   p.q_scale = a.q_scale;
 
   const int mt = token_tiles_for(a.m);
-  const size_t smem = static_cast<size_t>(8 * mt) * p.xs_stride + static_cast<size_t>(kWarps + 1) * mt * 32 * 16 +
-                      kMaxM * sizeof(float);
-  require(smem <= static_cast<size_t>(dev.max_smem_optin), name,
-          "x tile needs " + std::to_string(smem) + " bytes of shared memory; use a larger split_k");
+  const size_t smem = plan.smem;
   const KernelFn kernel = fp8 ? pick_tiles<true>(mt, a.epilogue) : pick_tiles<false>(mt, a.epilogue);
   allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem, name);
 
-  // Groups of `split` blocks; each loops over tiles. As many groups as fit at once, with
-  // the tiles spread evenly (512 tiles on 264 slots: 256 groups of 2, not 248 of 2 + 8 of 1).
+  // Groups of `split` blocks; each loops over tiles. As many groups as are resident at
+  // once (every SM streams; per-group tile counts differ by at most one).
   const int64_t capacity = std::max<int64_t>(1, static_cast<int64_t>(blocks_per_sm(kernel, smem)) * dev.sms / split);
-  const int64_t tiles_per_group = (tiles + capacity - 1) / capacity;
-  int64_t groups = (tiles + tiles_per_group - 1) / tiles_per_group;
+  int64_t groups = std::min<int64_t>(tiles, capacity);
   if (a.max_groups > 0) groups = std::min<int64_t>(groups, a.max_groups);
   launch(name, kernel, dim3(static_cast<unsigned>(groups * split)), dim3(kThreads), smem, stream, split, a.pdl, p);
 }

@@ -184,12 +184,13 @@ def _row_stride(t: torch.Tensor) -> int:
     return t.stride(0) if t.shape[0] > 1 else t.shape[1]
 
 
-def _linear_module(x, w, m, n, k, *tensors):
-    module = _kernel_module(x, w, *tensors)
+def _linear_module(x, w, norm, m, n, k, *tensors):
+    module = _kernel_module(x, w, *tensors, *_norm_vectors(norm))
     if module is None or m > MAX_KERNEL_M or (_row_stride(x) * x.element_size()) % 16:
         return None
     code = int(kernels.dtype_code(w.dtype))
-    return module if module.small_m_linear_supported(m=m, n=n, k=k, w_dtype=code) else None
+    supported = module.small_m_linear_supported(m=m, n=n, k=k, w_dtype=code, prologue=_PROLOGUE[type(norm)])
+    return module if supported else None
 
 
 def _run_linear(module, x, w, w_scale, norm, param_dtype, epilogue, launch, **kwargs) -> None:
@@ -228,7 +229,7 @@ def linear(x, w, *, w_scale=None, norm=None, bias=None, out=None, launch: Linear
     m, n, k, param_dtype = _check_linear(op, x, w, w_scale, norm, bias=bias)
     if out is not None:
         _check_rows(op, "out", out, (BF16,), m, n)
-    module = _linear_module(x, w, m, n, k, w_scale, bias, out, *_norm_vectors(norm))
+    module = _linear_module(x, w, norm, m, n, k, w_scale, bias, out)
     if module is None:
         return twin.linear(x, w, w_scale=w_scale, norm=norm, bias=bias, out=out)
     if out is None:
@@ -249,7 +250,7 @@ def linear_gated_residual(x, w, residual, *, gate=None, w_scale=None, norm=None,
         _fail(op, f"residual is on {residual.device}, expected {x.device}")
     if _overlap(x, residual):
         _fail(op, "x and residual must not share memory (residual is written while x is read)")
-    module = _linear_module(x, w, m, n, k, w_scale, gate, residual, *_norm_vectors(norm))
+    module = _linear_module(x, w, norm, m, n, k, w_scale, gate, residual)
     if module is None:
         return twin.linear_gated_residual(x, w, residual, gate=gate, w_scale=w_scale, norm=norm)
     _run_linear(module, x, w, w_scale, norm, param_dtype, _GATED_RESIDUAL, launch, residual=residual.data_ptr(),
@@ -267,7 +268,7 @@ def linear_gelu_mul(x, w, *, w_scale=None, norm=None, out=None, launch: LinearLa
         _fail(op, f"w must have a multiple of 16 rows (packed gate | up), got {n}")
     if out is not None:
         _check_rows(op, "out", out, (BF16,), m, n // 2)
-    module = _linear_module(x, w, m, n, k, w_scale, out, *_norm_vectors(norm))
+    module = _linear_module(x, w, norm, m, n, k, w_scale, out)
     if module is None:
         return twin.linear_gelu_mul(x, w, w_scale=w_scale, norm=norm, out=out)
     if out is None:
@@ -315,8 +316,8 @@ def linear_qkv_rope(x, w, *, cos, sin, positions, k_cache, v_cache, cache_offset
     for t in (cos, sin, positions, cache_offset, q_out):
         if t is not None and t.device != x.device:
             _fail(op, f"all tensors must be on {x.device}, found one on {t.device}")
-    module = _linear_module(x, w, m, n, k, w_scale, k_cache, v_cache, cos, sin, positions, cache_offset, q_out,
-                            *_norm_vectors(norm))
+    module = _linear_module(x, w, norm, m, n, k, w_scale, k_cache, v_cache, cos, sin, positions, cache_offset,
+                            q_out)
     if module is None:
         return twin.linear_qkv_rope(x, w, cos=cos, sin=sin, positions=positions, k_cache=k_cache, v_cache=v_cache,
                                     cache_offset=cache_offset, q_out=q_out, q_scale=q_scale, w_scale=w_scale,
