@@ -178,3 +178,32 @@ def test_diagnostics_report_rate_latency_and_skips(make_graph):
 
 def kv(status):
     return [(v.key, v.value) for v in status.values]
+
+
+def test_parameters_are_declared_with_descriptors_and_checked_at_runtime(make_graph):
+    from rcl_interfaces.msg import ParameterType
+    from rclpy.parameter import Parameter
+
+    from flashrt_ros.params import POLICY_PARAMETERS
+
+    graph = make_graph()
+    node = graph.policy
+    descriptors = node.describe_parameters([p.name for p in POLICY_PARAMETERS])
+    for param, descriptor in zip(POLICY_PARAMETERS, descriptors):
+        assert descriptor.description.startswith(param.description)
+        assert descriptor.read_only == param.read_only
+        if param.type == "float" and param.min is not None:
+            assert descriptor.floating_point_range[0].from_value == param.min
+    assert descriptors[[p.name for p in POLICY_PARAMETERS].index("joint_names")].type == \
+        ParameterType.PARAMETER_STRING_ARRAY
+    assert node.has_parameter("use_sim_time")
+
+    def rejected(name, value):
+        return not node.set_parameters([Parameter(name, value=value)])[0].successful
+
+    assert rejected("checkpoint", "/elsewhere")          # read-only: set at configure
+    assert rejected("max_observation_age", -1.0)          # out of range
+    assert rejected("rate_hz", "fast")                    # wrong type
+    activate(graph)
+    assert not rejected("rate_hz", 5.0)
+    assert node._timer.timer_period_ns == 200_000_000     # takes effect while active
