@@ -48,3 +48,19 @@ def test_buckets_cover_the_budget():
     assert prompt_buckets(48) == (16, 32, 48)
     assert prompt_buckets(200) == (16, 32, 48, 64, 96, 128, 192, 200)
     assert prompt_buckets(10) == (10,)
+
+
+def test_small_m_expert_path_matches_gemm_path(backends):
+    """The fused small-M expert (packed weights, norm prologues, RoPE / GeGLU / gated-residual
+    epilogues) computes what the GEMM path does; on the CPU both run in bf16 through twins."""
+    config, reference, _ = backends
+    weights = {PiModel.checkpoint_name(k): v for k, v in reference.state_dict().items()}
+    paths = {path: PiGraphRuntime.from_state_dict(config, weights, device="cpu", precision="bf16", expert_path=path)
+             for path in ("small_m", "gemm")}
+    assert paths["small_m"].w.fused_expert and not paths["gemm"].w.fused_expert
+    obs = synthetic.random_observation(config, 2, 11, seed=21, view_mask=(True, False))
+    small_m, gemm = (paths[p].sample_actions(*obs) for p in ("small_m", "gemm"))
+    expected = reference.sample_actions(*obs)
+    cosine = torch.nn.functional.cosine_similarity
+    assert cosine(small_m.flatten(), gemm.flatten(), 0) > 0.999
+    assert cosine(small_m.flatten(), expected.flatten(), 0) > 0.999

@@ -31,7 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from .. import kernels, ops
+from ..ops import expert as expert_ops
+from ..ops.expert_reference import AdaRmsNorm, AttentionLaunch, LinearLaunch, RmsNorm
 from ..models.gemma import MASKED_LOGIT, rope_tables
 from ..models.pi0 import PiConfig, flow_times, time_embedding
 from .graphs import CapturedForward
@@ -45,6 +47,8 @@ VLM = "paligemma_with_expert.paligemma.model.language_model."
 EXPERT = "paligemma_with_expert.gemma_expert.model."
 
 PROMPT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256)
+# Above this many suffix rows cuBLAS beats the small-M kernels (measured on H100, M=50).
+SMALL_M_MAX_ROWS = 16
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
 
@@ -58,8 +62,10 @@ class _Weights:
     Tensors are moved to the device one at a time and dropped from `sd` as they go, so
     loading a full checkpoint never holds two copies in host memory."""
 
-    def __init__(self, config: PiConfig, sd: dict[str, torch.Tensor], device, dtype):
+    def __init__(self, config: PiConfig, sd: dict[str, torch.Tensor], device, dtype, fused_expert: bool,
+                 fp8_expert: bool):
         self.config, self.device, self.dtype = config, device, dtype
+        self.fused_expert = fused_expert
 
         def take(name, to=dtype):
             return sd.pop(name).to(device=device, dtype=to)
@@ -97,6 +103,9 @@ class _Weights:
 
         self.expert_layers = [self._gemma_layer(f"{EXPERT}layers.{i}.", take, fused, adaptive=config.pi05)
                               for i in range(config.expert.depth)]
+        if fused_expert:
+            for layer in self.expert_layers:
+                self._pack_for_small_m(layer, config.expert, fp8_expert)
         self.action_in = linear("action_in_proj.", to=f32)
         self.action_out = linear("action_out_proj.", to=f32)
         if config.pi05:
@@ -122,6 +131,21 @@ class _Weights:
             layer["post_dense"] = (take(p + "post_attention_layernorm.dense.weight", torch.float32),
                                    take(p + "post_attention_layernorm.dense.bias", torch.float32))
         return layer
+
+    @staticmethod
+    def _pack_for_small_m(layer, ec, fp8: bool) -> None:
+        """Expert weights in the row order of the small-M kernels' epilogues (RoPE pairs,
+        gate/up pairs); FP8: E4M3 rows with a per-row scale (W8A16, activations stay bf16)."""
+        q, k, v = layer.pop("qkv").weight.split([ec.num_heads * ec.head_dim, ec.num_kv_heads * ec.head_dim,
+                                                  ec.num_kv_heads * ec.head_dim])
+        gate, up = layer.pop("gate_up").weight.chunk(2)
+        packed = {"qkv": expert_ops.pack_qkv_rope(q, k, v, ec.head_dim), "gate_up": expert_ops.pack_gate_up(gate, up),
+                  "o": layer.pop("o").weight, "down": layer.pop("down").weight}
+        for key, weight in packed.items():
+            if fp8:
+                layer[key], layer[key + "_scale"] = expert_ops.quantize_weight_fp8(weight)
+            else:
+                layer[key], layer[key + "_scale"] = weight.contiguous(), None
 
     def _time_embeddings(self) -> torch.Tensor:
         width = self.config.expert.width
@@ -204,6 +228,8 @@ class _Session:
         self.e_out = buf(cfg.action_horizon, ec.width, dtype=torch.float32)
         self.attn_workspace = ops.decode_attention_workspace((s, ec.num_heads, ec.head_dim),
                                                              (max_keys, ec.num_kv_heads, ec.head_dim), dev)
+        # first KV-cache row of [Pi0's state token, the action tokens] (small-M kernels read it on device)
+        self.suffix_rows = buf(2, dtype=torch.int32)
         self.graphs: dict[int, CapturedForward] = {}
 
 
@@ -230,14 +256,28 @@ class PiGraphRuntime:
 
     @classmethod
     def from_state_dict(cls, config: PiConfig, state_dict: dict[str, torch.Tensor], *, device,
-                        precision="bf16", max_views: int = 3):
+                        precision="bf16", max_views: int = 3, expert_path: str = "auto"):
+        """expert_path: "small_m" (fused small-M kernels: norm prologue, RoPE / GeGLU /
+        gated-residual epilogues, 5 launches a layer), "gemm" (cuBLAS + fused elementwise
+        ops), or "auto" (small_m for bf16 / fp8 where the kernels run and the horizon is short
+        enough for them to beat cuBLAS)."""
         device = torch.device(device)
         if precision not in COMPUTE_DTYPES:
             raise ValueError(f"precision {precision!r} is not one of {sorted(COMPUTE_DTYPES)}")
         if precision == "fp8" and not fp8_capable(device):
             raise ValueError(f"fp8 needs a GPU of compute capability 8.9 or newer, not {device}")
+        dtype = COMPUTE_DTYPES[precision]
+        if expert_path == "auto":
+            kernels_run = device.type == "cuda" and kernels.available() and kernels.device_supported(device.index)
+            short = config.action_horizon + (0 if config.pi05 else 1) <= SMALL_M_MAX_ROWS
+            expert_path = "small_m" if dtype == torch.bfloat16 and kernels_run and short else "gemm"
+        if expert_path not in ("small_m", "gemm"):
+            raise ValueError(f"expert_path must be auto, small_m or gemm, got {expert_path!r}")
+        if expert_path == "small_m" and dtype != torch.bfloat16:
+            raise ValueError("the small-M expert kernels take bf16 activations (precision bf16 or fp8)")
         started = time.perf_counter()
-        weights = _Weights(config, dict(state_dict), device, COMPUTE_DTYPES[precision])
+        weights = _Weights(config, dict(state_dict), device, dtype, fused_expert=expert_path == "small_m",
+                           fp8_expert=precision == "fp8")
         log.info("graph runtime: weights prepared on %s (%s) in %.1f s", device, precision,
                  time.perf_counter() - started)
         return cls(config, weights, device, precision, max_views)
@@ -356,6 +396,8 @@ class PiGraphRuntime:
         """Expert layers over `rows` suffix tokens in e_res[:rows], whose K/V go to cache rows
         prefix_len + first ...; they attend to every key before and including themselves.
         step None: Pi0's state pass (plain norms; stops after the last layer's K/V)."""
+        if self.w.fused_expert:
+            return self._expert_small_m(s, prefix_len, first, rows, step)
         w, ec = self.w, self.config.expert
         res, h, o, qkv, q, attn, gu, mlp = (t[first:first + rows] for t in (
             s.e_res, s.e_h, s.e_o, s.e_qkv, s.e_q, s.e_attn, s.e_gu, s.e_mlp))
@@ -396,6 +438,49 @@ class PiGraphRuntime:
             ops.gelu_tanh_mul(gu, out=mlp)
             layer["down"](mlp, out=o)
         norm(0, depth, o, (depth - 1, 1))  # final norm
+
+    def _expert_small_m(self, s: _Session, prefix_len: int, first: int, rows: int, step: int | None) -> None:
+        """`_expert` with the small-M kernels: per layer 5 launches, each reading its weights
+        once; norms run as GEMM prologues, RoPE + KV-cache write, GeGLU and the gated residual
+        as epilogues. PDL lets each kernel start loading weights while the previous drains."""
+        w, ec = self.w, self.config.expert
+        res, h, q, attn, mlp = (t[first:first + rows] for t in (s.e_res, s.e_h, s.e_q, s.e_attn, s.e_mlp))
+        keys = prefix_len + first + rows
+        positions = s.positions[s.max_prefix + first:s.max_prefix + first + rows]
+        cache_row = s.suffix_rows[0:1] if first == 0 else s.suffix_rows[1:2]
+        adaptive = step is not None and self.config.pi05
+        depth = len(w.expert_layers)
+        lin, att = LinearLaunch(pdl=self.use_graphs), AttentionLaunch(pdl=self.use_graphs)
+
+        def norm_and_gate(layer: int, which: int):
+            """(prologue norm, gate of the residual add after the block) of norm `which`."""
+            if adaptive:
+                scale, shift, gate = w.adarms[step, layer, which]
+                return AdaRmsNorm(scale, shift), gate
+            return RmsNorm(w.expert_layers[layer]["in_norm" if which == 0 else "post_norm"]), None
+
+        for i, layer in enumerate(w.expert_layers):
+            norm, gate_attn = norm_and_gate(i, 0)
+            expert_ops.linear_qkv_rope(res, layer["qkv"], w_scale=layer["qkv_scale"], norm=norm, cos=s.rope_cos,
+                                       sin=s.rope_sin, positions=positions, k_cache=s.k_cache[i],
+                                       v_cache=s.v_cache[i], cache_offset=cache_row, q_out=q,
+                                       q_scale=ec.head_dim**-0.5, launch=lin)
+            if step is None and i == depth - 1:
+                return  # state pass: only its K/V are read later
+            expert_ops.decode_attention(q, s.k_cache[i, :keys], s.v_cache[i, :keys], bias=s.key_bias[:keys],
+                                        scale=1.0, out=attn, launch=att)
+            expert_ops.linear_gated_residual(attn.view(rows, -1), layer["o"], res, gate=gate_attn,
+                                             w_scale=layer["o_scale"], launch=lin)
+            norm, gate_mlp = norm_and_gate(i, 1)
+            expert_ops.linear_gelu_mul(res, layer["gate_up"], w_scale=layer["gate_up_scale"], norm=norm, out=mlp,
+                                       launch=lin)
+            expert_ops.linear_gated_residual(mlp, layer["down"], res, gate=gate_mlp, w_scale=layer["down_scale"],
+                                             launch=lin)
+        if adaptive:
+            scale, shift, _ = w.adarms_final[step]
+            ops.ada_rms_norm(res, scale, shift, out=h)
+        else:
+            ops.rms_norm(res, w.expert_final_norm, out=h)
 
     def _flow_step(self, s: _Session, prefix_len: int, first_action: int, step: int) -> None:
         """x_t <- x_t + dt * v(x_t, t_step): embed the actions, run the expert, project, Euler."""
@@ -461,6 +546,9 @@ class PiGraphRuntime:
         s.key_bias[prefix_len:prefix_len + s.suffix_len].zero_()
         s.positions[:prefix_len].copy_(positions, non_blocking=not blocking)
         s.positions[s.max_prefix:s.max_prefix + s.suffix_len].copy_(suffix_positions, non_blocking=not blocking)
+        first_action = 0 if cfg.pi05 else 1
+        s.suffix_rows.copy_(torch.tensor([prefix_len, prefix_len + first_action], dtype=torch.int32),
+                            non_blocking=not blocking)
         s.state[0].copy_(state, non_blocking=not blocking)
         s.noise.copy_(noise, non_blocking=not blocking)
 
