@@ -43,8 +43,9 @@ def test_rate_holds_for_30_s_without_memory_growth(make_graph):
     skipped = sum(health.skipped.values()) - skipped0
     expected = RATE_HZ * elapsed
     reasons = dict(health.skipped)
-    # Every tick is accounted for: published or skipped with a reason, and on the CPU
-    # tiny model nearly all are published.
+    # On the CPU tiny model (inference ~20 ms of the 50 ms period) nearly every tick
+    # publishes; the few that do not are skipped with a reason (mostly 'busy' behind an
+    # inference that a loaded machine slowed down).
     assert published >= 0.9 * expected, (published, expected, reasons)
     assert skipped <= 0.05 * expected, reasons
     # Memory: no trend over the soak (a leak of one chunk's worth per tick would be
