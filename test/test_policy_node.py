@@ -1,7 +1,9 @@
 """Policy node over real rclpy + DDS with the real engine on a tiny checkpoint:
 data flow, message content, joint-limit clamp, diagnostics, every lifecycle transition."""
 
+import gc
 import shutil
+import weakref
 
 import numpy as np
 import pytest
@@ -125,8 +127,11 @@ def test_lifecycle_failing_configure_then_every_transition(make_graph, tmp_path,
     assert node.trigger_activate() == SUCCESS
     assert wait_until(lambda: len(recorder.snapshot().chunks) > count, timeout=20)
     assert node.trigger_deactivate() == SUCCESS
+    policy = weakref.ref(node._engine.policy)
     assert node.trigger_cleanup() == SUCCESS
     assert lifecycle_state(node) == "unconfigured" and node._engine is None
+    gc.collect()
+    assert policy() is None  # nothing keeps the engine (and its memory) alive
     assert node.trigger_configure() == SUCCESS
     recorder.clear()
     assert node.trigger_activate() == SUCCESS
