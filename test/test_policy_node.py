@@ -212,3 +212,30 @@ def test_parameters_are_declared_with_descriptors_and_checked_at_runtime(make_gr
     activate(graph)
     assert not rejected("rate_hz", 5.0)
     assert node._timer.timer_period_ns == 200_000_000     # takes effect while active
+
+
+def test_configure_via_the_service_keeps_other_nodes_running(make_graph, monkeypatch):
+    """Loading is long on a GPU; other nodes in the process must keep being served
+    while it runs (configure occupies one executor thread, not the executor)."""
+    import time
+
+    import flashrt_core
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+
+    real_load = flashrt_core.load_policy
+
+    def slow_load(*args, **kwargs):
+        time.sleep(1.5)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(flashrt_core, "load_policy", slow_load)
+    graph = make_graph()
+    client = graph.recorder.create_client(ChangeState, "/flashrt_policy/change_state")
+    assert client.wait_for_service(timeout_sec=10)
+    frames = graph.robot._frames
+    future = client.call_async(ChangeState.Request(
+        transition=Transition(id=Transition.TRANSITION_CONFIGURE)))
+    assert wait_until(future.done, timeout=30) and future.result().success
+    assert graph.robot._frames - frames >= 20  # the 30 Hz robot timer kept firing
+    assert lifecycle_state(graph.policy) == "inactive"
