@@ -97,6 +97,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), 0).item()
 
 
+@torch.inference_mode()
 def breakdown(fast: PiGraphRuntime, views: int, prompt_tokens: int, iters: int) -> dict[str, float]:
     """ms of the parts of the forward, each captured as its own graph over the same buffers:
     SigLIP, Gemma prefix, one flow step (the steps are identical in work)."""
@@ -134,7 +135,7 @@ def run(args) -> list[dict]:
                                                                  seed=1000 + i) for i in range(4)])
                 for views in args.views:
                     obs = synthetic.random_observation(config, views, args.prompt_tokens, seed=views)
-                    fast.prepare(views, [fast._bucket(args.prompt_tokens)])
+                    fast.prepare(views, [fast._bucket(args.prompt_tokens)], fewer_views=False)
                     actions = fast.sample_actions(*obs)
                     graph = fast._session(views).graphs[fast._bucket(args.prompt_tokens)]
                     replay = time_replays(graph, args.iters)
