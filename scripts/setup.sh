@@ -8,6 +8,8 @@
 #   FLASHRT_PYTHON    interpreter for the venv (default: python3, >= 3.10)
 #   FLASHRT_ROS=wheels  use the PyPI wheels even where /opt/ros/<distro> exists
 #   FLASHRT_PIP_ARGS  extra pip arguments (e.g. "--no-index --find-links .whl")
+#   FLASHRT_ENGINE_DEPS=system  install only ROS + colcon; take torch, numpy, transformers...
+#                     from the interpreter as they are (an offline GPU box with its own stack)
 #   FLASHRT_VENV      venv location (default: .venv in the repository)
 set -euo pipefail
 
@@ -86,7 +88,8 @@ PY="$VENV/bin/python"
 keep=()
 has_cuda_torch "$PY" && keep+=(torch)
 if [ "$ROS_PREFIX" != "$VENV" ] && "$PY" -c 'import numpy' 2>/dev/null; then keep+=(numpy); fi
-req_files=(requirements/engine.txt)
+req_files=()
+[ "${FLASHRT_ENGINE_DEPS:-}" = system ] || req_files+=(requirements/engine.txt)
 if [ "$ROS_PREFIX" = "$VENV" ]; then
   req_files+=(requirements/ros.txt requirements/colcon.txt)
 elif ! command -v colcon >/dev/null; then

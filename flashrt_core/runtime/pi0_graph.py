@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 
 import numpy as np
@@ -434,7 +435,9 @@ class PiGraphRuntime:
         the additive key mask."""
         gc = self.config.vlm
         if s.flash_varlen:
-            bounds = s.flash_bounds.setdefault(n, torch.tensor([0, n], dtype=torch.int32, device=self.device))
+            if n not in s.flash_bounds:  # made in the warm-up run, before any capture
+                s.flash_bounds[n] = torch.tensor([0, n], dtype=torch.int32, device=self.device)
+            bounds = s.flash_bounds[n]
 
             def attend(q, k, v):
                 return torch.ops.aten._flash_attention_forward(
@@ -505,7 +508,10 @@ class PiGraphRuntime:
         positions, cache_row = s.group_positions[first], s.group_cache_row[first]
         adaptive = step is not None and self.config.pi05
         depth = len(w.expert_layers)
-        lin, att = LinearLaunch(pdl=self.use_graphs), AttentionLaunch(pdl=self.use_graphs)
+        # FLASHRT_PDL=0 turns programmatic dependent launch off, so a profiler shows each
+        # kernel's own time instead of time overlapped with its predecessor.
+        pdl = self.use_graphs and os.environ.get("FLASHRT_PDL", "1") == "1"
+        lin, att = LinearLaunch(pdl=pdl), AttentionLaunch(pdl=pdl)
 
         def norm_and_gate(layer: int, which: int):
             """(prologue norm, gate of the residual add after the block) of norm `which`."""
