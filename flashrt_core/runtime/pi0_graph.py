@@ -190,6 +190,30 @@ class _Weights:
         self.action_time_out = linear("action_time_mlp_out.", to=torch.float32)
 
 
+class StagingBlock:
+    """Named device tensors carved from one byte buffer, each 16-byte aligned, mirrored by
+    the same layout in pinned host memory: the host writes the views of `host`, then one
+    `upload()` moves them all (on a CPU device the two are the same memory)."""
+
+    def __init__(self, fields: dict[str, tuple[tuple[int, ...], torch.dtype]], device: torch.device):
+        layout, size = {}, 0
+        for name, (shape, dtype) in fields.items():
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            layout[name] = (size, nbytes, shape, dtype)
+            size += -(-nbytes // 16) * 16
+        self._device_bytes = torch.zeros(size, dtype=torch.uint8, device=device)
+        self._host_bytes = (self._device_bytes if device.type == "cpu"
+                            else torch.zeros(size, dtype=torch.uint8, pin_memory=True))
+
+        def views(buffer):
+            return {name: buffer[o:o + n].view(dtype).view(shape) for name, (o, n, shape, dtype) in layout.items()}
+        self.device, self.host = views(self._device_bytes), views(self._host_bytes)
+
+    def upload(self) -> None:
+        if self._host_bytes is not self._device_bytes:
+            self._device_bytes.copy_(self._host_bytes, non_blocking=True)
+
+
 def flash_varlen_works(device: torch.device, head_dim: int) -> bool:
     """Whether aten's flash-attention varlen kernel (with seqused_k) runs here: tried once
     on a tiny input and compared with plain softmax attention."""
@@ -223,13 +247,30 @@ class _Session:
         def buf(*shape, dtype=dt):
             return torch.zeros(shape, dtype=dtype, device=dev)
 
-        # inputs (written by the host before each replay)
+        # Per-call inputs, carved from one staging block (one host-to-device copy). Suffix
+        # token groups by first row: Pi0's state token (once per call) and the actions
+        # (every step), each with its RoPE positions and first KV-cache row (16-byte aligned
+        # tensors of their own: the small-M kernels read them on device).
+        groups = [(0, cfg.action_horizon)] if cfg.pi05 else [(0, 1), (1, cfg.action_horizon)]
+        fields = {
+            "tokens": ((max_bucket,), torch.int64),
+            "key_bias": ((max_keys,), torch.float32),       # 0 valid, MASKED_LOGIT masked
+            "positions": ((self.max_prefix,), torch.int32),  # RoPE positions of the prefix
+            "valid_keys": ((1,), torch.int32),               # leading valid prefix keys
+            "state": ((1, cfg.state_dim), torch.float32),
+            "noise": ((cfg.action_horizon, cfg.action_dim), torch.float32),
+            **{f"positions_{first}": ((rows,), torch.int32) for first, rows in groups},
+            **{f"cache_row_{first}": ((1,), torch.int32) for first, _ in groups}}
+        self.inputs = StagingBlock(fields, dev)
         self.images = buf(views, vc.image_size, vc.image_size, 3, dtype=torch.uint8)
-        self.tokens = buf(max_bucket, dtype=torch.int64)
-        self.key_bias = buf(max_keys, dtype=torch.float32)  # 0 valid, MASKED_LOGIT masked; suffix part stays 0
-        self.positions = buf(self.max_prefix, dtype=torch.int32)  # RoPE positions of the prefix
-        self.state = buf(1, cfg.state_dim, dtype=torch.float32)
-        self.noise = buf(cfg.action_horizon, cfg.action_dim, dtype=torch.float32)
+        self.images_host = self.images if dev.type == "cpu" else torch.empty_like(self.images, device="cpu",
+                                                                                  pin_memory=True)
+        d = self.inputs.device
+        self.tokens, self.key_bias, self.positions, self.valid_keys = (
+            d["tokens"], d["key_bias"], d["positions"], d["valid_keys"])
+        self.state, self.noise = d["state"], d["noise"]
+        self.group_positions = {first: d[f"positions_{first}"] for first, _ in groups}
+        self.group_cache_row = {first: d[f"cache_row_{first}"] for first, _ in groups}
         # vision
         n_img = self.image_tokens
         self.patches = buf(n_img, 3 * vc.patch_size**2)
@@ -258,16 +299,10 @@ class _Session:
         self.e_out = buf(cfg.action_horizon, ec.width, dtype=torch.float32)
         self.attn_workspace = ops.decode_attention_workspace((s, ec.num_heads, ec.head_dim),
                                                              (max_keys, ec.num_kv_heads, ec.head_dim), dev)
-        # Suffix token groups by first row: Pi0's state token (once per call) and the actions
-        # (every step). Each has its RoPE positions and first KV-cache row in tensors of its
-        # own (16-byte aligned, as the small-M kernels read them on device).
-        groups = [(0, cfg.action_horizon)] if cfg.pi05 else [(0, 1), (1, cfg.action_horizon)]
-        self.group_positions = {first: buf(rows, dtype=torch.int32) for first, rows in groups}
-        self.group_cache_row = {first: buf(1, dtype=torch.int32) for first, _ in groups}
+
         self.graphs: dict[int, CapturedForward] = {}
         # prefix attention through flash-attention varlen (see PiGraphRuntime._prefix_attention)
         self.flash_varlen = dev.type == "cuda" and flash_varlen_works(dev, gc.head_dim)
-        self.valid_keys = buf(1, dtype=torch.int32)
         self.flash_bounds: dict[int, torch.Tensor] = {}
 
 
@@ -590,28 +625,35 @@ class PiGraphRuntime:
         return self.buckets[-1]
 
     def _stage_inputs(self, s: _Session, bucket: int, images, image_mask, tokens, token_mask, state, noise):
-        """Copy one observation into the session's input buffers (no host sync)."""
-        cfg = self.config
-        pad = torch.cat([image_mask.to(torch.bool).repeat_interleave(cfg.vision.num_patches),
-                         token_mask[:bucket].to(torch.bool)])
-        prefix_len = pad.shape[0]
-        # Positions of masked tokens are never used; clamp so a leading masked view stays in the table.
-        positions = (torch.cumsum(pad.to(torch.int32), 0) - 1).clamp_(min=0)
-        valid = int(pad.sum())
-        suffix_positions = torch.arange(valid, valid + s.suffix_len, dtype=torch.int32)
-        bias = torch.where(pad, 0.0, MASKED_LOGIT).to(torch.float32)
-        blocking = not self.use_graphs
-        s.images.copy_(images, non_blocking=not blocking)
-        s.tokens[:bucket].copy_(tokens[:bucket], non_blocking=not blocking)
-        s.key_bias[:prefix_len].copy_(bias, non_blocking=not blocking)
-        s.key_bias[prefix_len:prefix_len + s.suffix_len].zero_()
-        s.positions[:prefix_len].copy_(positions, non_blocking=not blocking)
-        s.valid_keys.fill_(valid)
-        for first, group in s.group_positions.items():
-            group.copy_(suffix_positions[first:first + group.shape[0]], non_blocking=not blocking)
-            s.group_cache_row[first].fill_(prefix_len + first)
-        s.state[0].copy_(state, non_blocking=not blocking)
-        s.noise.copy_(noise, non_blocking=not blocking)
+        """Write one observation into the session's pinned staging block and start its copy
+        to the device (stream-ordered, no host sync). Every view is present here (masked
+        views were dropped), so the prefix is [images | prompt bucket] with the prompt's
+        padding last."""
+        h = s.inputs.host
+        prompt_valid = token_mask[:bucket].numpy()
+        prefix_len = s.image_tokens + bucket
+        valid = s.image_tokens + int(prompt_valid.sum())
+        h["tokens"][:bucket].copy_(tokens[:bucket])
+        bias = h["key_bias"].numpy()
+        bias[:prefix_len + s.suffix_len] = 0.0
+        bias[s.image_tokens:prefix_len][~prompt_valid] = MASKED_LOGIT
+        positions = h["positions"].numpy()
+        positions[:s.image_tokens] = np.arange(s.image_tokens)
+        # Padding takes the last valid position (never used: it is masked as a key).
+        positions[s.image_tokens:prefix_len] = np.maximum(np.cumsum(prompt_valid) + s.image_tokens - 1, 0)
+        h["valid_keys"][0] = valid
+        for first in s.group_positions:
+            group = h[f"positions_{first}"]
+            group.copy_(torch.arange(valid + first, valid + first + group.shape[0], dtype=torch.int32))
+            h[f"cache_row_{first}"][0] = prefix_len + first
+        h["state"][0].copy_(state)
+        h["noise"].copy_(noise)
+        s.inputs.upload()
+        if s.images_host is not s.images:
+            s.images_host.copy_(images)
+            s.images.copy_(s.images_host, non_blocking=True)
+        else:
+            s.images.copy_(images)
 
     @torch.inference_mode()
     def prepare(self, views: int, buckets=None, fewer_views: bool = True) -> None:
