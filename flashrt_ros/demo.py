@@ -174,7 +174,7 @@ def main(duration: float = 10.0, model: str = "pi05") -> int:
                     print("demo failed: the policy node did not configure (see the log)")
                     return 1
                 nodes.append(ChunkPrinter(policy.get_fully_qualified_name()))
-                spinner.executor.add_node(nodes[-1])
+                spinner.add_node(nodes[-1])
                 started = time.monotonic()
                 launcher.wait_for(stop, timeout=duration)
                 active_seconds = time.monotonic() - started

@@ -13,7 +13,6 @@ down at once, and a node whose context is gone cannot publish its hold.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 import time
@@ -21,35 +20,52 @@ from pathlib import Path
 from typing import Iterator
 
 import rclpy
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 
 from flashrt_ros.params import POLICY_NODE_NAME
 
-# At least: one inference tick, one 'busy' tick, subscriptions, services/transitions.
-MIN_EXECUTOR_THREADS = 4
-
-
 class Spinner:
-    """A MultiThreadedExecutor spinning `nodes` in a background thread."""
+    """Spins each node on its own SingleThreadedExecutor, in its own thread.
 
-    def __init__(self, nodes, context=None, num_threads: int | None = None):
-        threads = num_threads or max(MIN_EXECUTOR_THREADS, os.cpu_count() or 1)
-        self.executor = MultiThreadedExecutor(num_threads=threads, context=context)
+    Not rclpy's MultiThreadedExecutor: in Jazzy (rclpy 7.1) its spin thread re-yields
+    callbacks that are submitted but not yet started, busy-looping with the GIL held;
+    with camera rates of callbacks on a 2-core machine that starved inference (the
+    policy node at 20 Hz published 0.2-5 chunks/s, against 20.0 with this). The policy
+    node keeps its callbacks short (inference runs on its engine thread), so one thread
+    per node is enough, and a node blocked in a long transition (configure loading a
+    checkpoint) does not stall the others.
+    """
+
+    def __init__(self, nodes, context=None):
+        self._context = context
+        self._running = False
+        self._spinning: list[tuple[SingleThreadedExecutor, threading.Thread]] = []
         for node in nodes:
-            self.executor.add_node(node)
-        self._thread = threading.Thread(target=self.executor.spin, name="ros-executor",
-                                        daemon=True)
+            self.add_node(node)
+
+    def add_node(self, node) -> None:
+        executor = SingleThreadedExecutor(context=self._context)
+        executor.add_node(node)
+        thread = threading.Thread(target=executor.spin, name=f"spin-{node.get_name()}",
+                                  daemon=True)
+        self._spinning.append((executor, thread))
+        if self._running:
+            thread.start()
 
     def __enter__(self) -> "Spinner":
-        self._thread.start()
+        self._running = True
+        for _, thread in self._spinning:
+            thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.executor.shutdown()
-        self._thread.join(timeout=10.0)
+        for executor, _ in self._spinning:
+            executor.shutdown()
+        for _, thread in self._spinning:
+            thread.join(timeout=10.0)
 
 
 def lifecycle_state(node) -> str:

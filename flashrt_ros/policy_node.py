@@ -16,14 +16,22 @@ Lifecycle: configure loads and warms the engine and creates the interfaces (outp
 inactive); activate starts the inference timer; deactivate stops it and publishes a
 hold; cleanup closes the engine; shutdown works from any state.
 
-Threading: subscriptions only store the newest message per stream; the inference
-tick runs in its own (reentrant) callback group so it never blocks them, and a tick
-that fires while the previous inference still runs is skipped as 'busy' instead of
-queued. The engine is used by one caller at a time (tick or ~/predict) under a lock.
-Run the node with a MultiThreadedExecutor (flashrt_ros.launcher does).
+Threading: subscriptions only store the newest message per stream; the timer tick
+takes the observation and hands it to the engine thread (below), returning at once,
+so inference never blocks the executor. A tick that fires while the previous
+inference still runs is skipped as 'busy', never queued. The engine is used by one
+caller at a time (tick or ~/predict) under a lock. ~/predict waits for its inference
+on the executor thread (a one-shot, non-realtime call; ticks resume after it). Any
+executor works; flashrt_ros.launcher spins each node on its own single-threaded one.
 
 Safety: a chunk with a non-finite value is never published; values are clamped to
 joint_limits_lower/upper after that check (clamping would hide an inf).
+
+Engine thread: every engine call (load, warm-up, predict, close) runs on one
+dedicated thread, whichever executor thread asked for it. Per-thread state then stays
+consistent: CUDA's current stream, and on the CPU the OpenMP team torch creates for
+each calling thread (with predict hopping between executor threads, idle teams
+spin-waited and stalled inference for seconds on a 2-core machine).
 
 Garbage collection: after configure the process holds ~300k Python objects (torch,
 rclpy, the model); a full cyclic collection over them stops every thread for ~150 ms
@@ -38,6 +46,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -177,6 +186,17 @@ class PolicyNode(LifecycleNode):
         self._tick_group = ReentrantCallbackGroup()
         self._service_group = ReentrantCallbackGroup()
         self._diagnostics_group = MutuallyExclusiveCallbackGroup()
+        self._engine_thread = ThreadPoolExecutor(max_workers=1,
+                                                 thread_name_prefix="flashrt-engine")
+
+    def _on_engine_thread(self, function, *args, **kwargs):
+        """Run `function` on the engine thread and return its result (see the module
+        docstring); the calling thread waits."""
+        return self._engine_thread.submit(function, *args, **kwargs).result()
+
+    def destroy_node(self):
+        self._engine_thread.shutdown(wait=True)
+        return super().destroy_node()
 
     # ------------------------------------------------------------------ parameters
 
@@ -207,7 +227,7 @@ class PolicyNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         log = self.get_logger()
         try:
-            self._engine = self._build_engine()
+            self._engine = self._on_engine_thread(self._build_engine)
             self._create_interfaces(self._engine)
         except Exception as error:  # noqa: BLE001 - any failure leaves us unconfigured
             log.error(f"configure failed: {_one_line(error)}")
@@ -351,8 +371,12 @@ class PolicyNode(LifecycleNode):
         from flashrt_ros.msg import ActionChunk
         from flashrt_ros.srv import Predict
 
+        # The callbacks hold the buffer, not the engine: an executor may keep a destroyed
+        # subscription (and its callback) referenced until it next wakes up.
+        buffer = engine.buffer
+
         def store(stream):
-            return lambda msg: engine.buffer.put(stream, _stamp_ns(msg.header.stamp), msg)
+            return lambda msg: buffer.put(stream, _stamp_ns(msg.header.stamp), msg)
 
         for topic in engine.camera_topics:
             msg_type = CompressedImage if conversions.is_compressed_topic(topic) else Image
@@ -447,7 +471,7 @@ class PolicyNode(LifecycleNode):
             if publisher is not None:
                 self.destroy_lifecycle_publisher(publisher)
         with self._engine_lock:
-            engine.policy.close()
+            self._on_engine_thread(engine.policy.close)
         del engine
         gc.unfreeze()
         gc.collect()
@@ -461,17 +485,32 @@ class PolicyNode(LifecycleNode):
     # ------------------------------------------------------------------ inference
 
     def _on_tick(self) -> None:
+        """Timer callback: take the observation and hand it to the engine thread. It
+        returns at once, so no executor thread waits on inference (see the module
+        docstring); the engine lock stays held until the engine thread is done."""
         if not self._engine_lock.acquire(blocking=False):
             self._record_skip(SkippedTick("busy", "previous inference still running"))
             return
         try:
             engine = self._engine
             if engine is None or not self._active:
+                self._engine_lock.release()
                 return
-            now_ns = self.get_clock().now().nanoseconds
             observation = engine.buffer.snapshot(
-                now_ns, parameter_value(self, "max_observation_age"),
+                self.get_clock().now().nanoseconds,
+                parameter_value(self, "max_observation_age"),
                 parameter_value(self, "max_observation_skew"))
+            self._engine_thread.submit(self._run_tick, engine, observation)
+        except SkippedTick as skipped:
+            self._engine_lock.release()
+            self._record_skip(skipped)
+        except BaseException:
+            self._engine_lock.release()
+            raise
+
+    def _run_tick(self, engine: _Engine, observation) -> None:
+        """On the engine thread: inference and publishing for one tick."""
+        try:
             samples = observation.samples
             actions, inference_s = self._infer(
                 engine, [samples[t].message for t in engine.camera_topics],
@@ -481,12 +520,14 @@ class PolicyNode(LifecycleNode):
                               observation.age_s)
         except SkippedTick as skipped:
             self._record_skip(skipped)
+        except Exception as error:  # noqa: BLE001 - nothing else sees this thread's errors
+            self.get_logger().error(f"tick failed: {_one_line(error)}")
         finally:
             self._engine_lock.release()
 
     def _infer(self, engine: _Engine, camera_messages, joint_message, prompt: str):
         """Run the engine on raw messages; returns (clamped actions, seconds) or raises
-        SkippedTick. The caller holds the engine lock."""
+        SkippedTick. Runs on the engine thread; the caller holds the engine lock."""
         from flashrt_core.errors import PromptError
 
         images = []
@@ -566,7 +607,8 @@ class PolicyNode(LifecycleNode):
             try:
                 if self._engine is not engine:
                     raise SkippedTick("inference error", "engine released during the request")
-                actions, inference_s = self._infer(engine, camera_messages, joint_message, prompt)
+                actions, inference_s = self._on_engine_thread(
+                    self._infer, engine, camera_messages, joint_message, prompt)
             finally:
                 self._engine_lock.release()
         except SkippedTick as failed:

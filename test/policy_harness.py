@@ -3,7 +3,7 @@
 Each test gets its own rclpy Context (isolated, shut down at the end) on a domain id
 private to the test process, a simulated robot publishing cameras + joint states, a
 recorder of everything the node publishes, and a MultiThreadedExecutor spinning in a
-background thread (flashrt_ros.launcher.Spinner, the one the launcher uses).
+background threads (flashrt_ros.launcher.Spinner, the one the launcher uses).
 """
 
 from __future__ import annotations
