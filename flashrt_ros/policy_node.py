@@ -180,8 +180,8 @@ class PolicyNode(LifecycleNode):
         self._sequence = 0
         self.health = PolicyHealth()
         self._last_skip_log: dict[str, float] = {}
-        # Inputs only store messages; ticks and the service must be able to overlap
-        # them (and each other, to detect 'busy'): reentrant groups.
+        # Under a multi-threaded executor inputs, ticks and ~/predict may overlap: every
+        # callback is short or waits on the engine lock, never on another callback.
         self._input_group = ReentrantCallbackGroup()
         self._tick_group = ReentrantCallbackGroup()
         self._service_group = ReentrantCallbackGroup()
