@@ -172,8 +172,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.model not in SUPPORTED_POLICY_MODELS:
         raise UsageError(f"unsupported model '{args.model}' "
                          f"(supported: {', '.join(SUPPORTED_POLICY_MODELS)})")
+    if args.checkpoint and not Path(args.checkpoint).is_dir():
+        raise UsageError(f"checkpoint directory not found: {args.checkpoint}")
+    for name in ("rate", "robot_rate"):
+        if not 0 < getattr(args, name) <= 1000:
+            raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1000], got {getattr(args, name)}")
     demo = _import("flashrt_ros.demo", "the demo")
-    return demo.main(duration=args.duration, model=args.model)
+    return demo.main(duration=args.duration, model=args.model, checkpoint=args.checkpoint, rate_hz=args.rate,
+                     device=args.device, precision=args.precision, robot_rate_hz=args.robot_rate,
+                     json_path=args.json)
 
 
 def cmd_bench(argv: list[str]) -> int:
@@ -295,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds to run (default 10; Ctrl-C ends it early)")
     demo.add_argument("--model", default="pi05",
                       help=f"policy model ({', '.join(SUPPORTED_POLICY_MODELS)}; default pi05)")
+    demo.add_argument("--checkpoint", metavar="PATH",
+                      help="run on this checkpoint instead of the tiny demo one")
+    demo.add_argument("--rate", type=float, default=20.0, metavar="HZ", help="policy rate (default 20)")
+    demo.add_argument("--robot-rate", type=float, default=30.0, metavar="HZ",
+                      help="synthetic camera and joint-state rate (default 30)")
+    demo.add_argument("--device", default="auto", help="engine device (default auto)")
+    demo.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp8"])
+    demo.add_argument("--json", metavar="FILE", help="also write the summary's numbers here")
     demo.set_defaults(handler=cmd_demo)
 
     sub.add_parser("bench", help="engine benchmarks (all arguments go to the benchmark)")

@@ -9,6 +9,7 @@ checkpoint's weights are synthetic.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -62,7 +63,7 @@ def joint_and_action_names(checkpoint: Path, model: str) -> tuple[list[str], lis
 class SyntheticRobot(Node):
     """Cameras (a moving colour gradient) and joint states (slow sines), stamped now."""
 
-    def __init__(self, joint_names: list[str]):
+    def __init__(self, joint_names: list[str], rate_hz: float = ROBOT_RATE_HZ):
         super().__init__("demo_robot")
         from sensor_msgs.msg import CompressedImage, Image, JointState
 
@@ -73,7 +74,7 @@ class SyntheticRobot(Node):
         self._started = time.monotonic()
         ramp = np.linspace(0, 255, IMAGE_WIDTH, dtype=np.float32)
         self._ramp = np.broadcast_to(ramp, (IMAGE_HEIGHT, IMAGE_WIDTH))
-        self.create_timer(1.0 / ROBOT_RATE_HZ, self._publish)
+        self.create_timer(1.0 / rate_hz, self._publish)
 
     def _publish(self) -> None:
         import cv2
@@ -133,6 +134,20 @@ class ChunkPrinter(Node):
               f"  ({received} received)", flush=True)
 
 
+def results(policy, active_seconds: float) -> dict:
+    """The run's numbers (what summary() prints), for --json."""
+    health = policy.health
+    out = {"published": health.published, "active_seconds": active_seconds,
+           "rate_hz": health.published / max(active_seconds, 1e-9),
+           "target_hz": policy.get_parameter("rate_hz").value, "skipped": dict(health.skipped)}
+    for key, window in (("inference", health.inference_latency), ("observation_to_publish",
+                                                                     health.observation_latency)):
+        for q in (50, 90, 99):
+            value = window.percentile(q)
+            out[f"{key}_p{q}_ms"] = None if value is None else value * 1e3
+    return out
+
+
 def summary(policy, active_seconds: float) -> str:
     health = policy.health
     lines = [f"chunks published: {health.published} in {active_seconds:.1f} s "
@@ -149,25 +164,30 @@ def summary(policy, active_seconds: float) -> str:
     return "\n".join(lines)
 
 
-def main(duration: float = 10.0, model: str = "pi05") -> int:
-    """Run the demo for `duration` seconds (or until Ctrl-C); returns the exit code."""
+def main(duration: float = 10.0, model: str = "pi05", checkpoint: str | None = None, rate_hz: float = 20.0,
+         device: str = "auto", precision: str = "auto", robot_rate_hz: float = ROBOT_RATE_HZ,
+         json_path: str | None = None) -> int:
+    """Run the demo for `duration` seconds (or until Ctrl-C); returns the exit code.
+
+    checkpoint: another checkpoint than the tiny demo one (e.g. a full-size synthetic one
+    on a GPU: the node's latency at a real model's size); json_path: write the numbers."""
     from flashrt_ros.policy_node import PolicyNode
 
-    checkpoint = demo_checkpoint(model)
+    checkpoint = Path(checkpoint) if checkpoint else demo_checkpoint(model)
     joint_names, action_names = joint_and_action_names(checkpoint, model)
     overrides = {
         "model": model, "checkpoint": str(checkpoint), "camera_topics": DEMO_CAMERAS,
         "joint_state_topic": DEMO_JOINT_TOPIC, "joint_names": joint_names,
-        "action_names": action_names,
-        "prompt": DEMO_PROMPT, "rate_hz": 20.0,
+        "action_names": action_names, "device": device, "precision": precision,
+        "prompt": DEMO_PROMPT, "rate_hz": float(rate_hz),
     }
     print(f"flashrt_ros demo: {model} on {checkpoint} (random weights), "
-          f"{len(DEMO_CAMERAS)} cameras + {len(joint_names)} joints at {ROBOT_RATE_HZ:g} Hz, "
-          f"prompt {DEMO_PROMPT!r}; {duration:g} s or Ctrl-C", flush=True)
+          f"{len(DEMO_CAMERAS)} cameras + {len(joint_names)} joints at {robot_rate_hz:g} Hz, "
+          f"policy at {rate_hz:g} Hz, prompt {DEMO_PROMPT!r}; {duration:g} s or Ctrl-C", flush=True)
     with launcher.ros_process() as stop:
         policy = PolicyNode(POLICY_NODE_NAME,
                             parameter_overrides=launcher.parameter_overrides(overrides))
-        nodes = [policy, SyntheticRobot(joint_names)]
+        nodes = [policy, SyntheticRobot(joint_names, robot_rate_hz)]
         try:
             with launcher.Spinner(nodes) as spinner:
                 if not launcher.bring_up(policy):
@@ -183,4 +203,6 @@ def main(duration: float = 10.0, model: str = "pi05") -> int:
             for node in nodes:
                 node.destroy_node()
     print("summary\n" + summary(policy, active_seconds), flush=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps(results(policy, active_seconds), indent=2))
     return 0 if policy.health.published > 0 else 1
