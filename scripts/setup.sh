@@ -76,6 +76,15 @@ if [ ! -x "$VENV/bin/python" ]; then
   venv_args=()
   [ $SYSTEM_SITE = 1 ] && venv_args+=(--system-site-packages)
   "$PYTHON" -m venv "${venv_args[@]}" "$VENV"
+  # --system-site-packages reaches the base interpreter's packages only: where $PYTHON is
+  # itself a venv (a GPU box's torch venv), layer over that venv's packages too.
+  if [ $SYSTEM_SITE = 1 ]; then
+    parent_site="$("$PYTHON" -c 'import sys, sysconfig
+if sys.prefix != sys.base_prefix: print(*sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}), sep="\n")')"
+    if [ -n "$parent_site" ]; then
+      echo "$parent_site" >"$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/flashrt-parent-env.pth"
+    fi
+  fi
 fi
 echo "$ROS_PREFIX" >"$VENV/flashrt-ros-prefix"
 touch "$VENV/COLCON_IGNORE" .cache/COLCON_IGNORE   # not ROS packages of this workspace
