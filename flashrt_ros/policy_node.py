@@ -39,11 +39,17 @@ on a small CPU, several ticks at 20 Hz. Configure therefore ends with gc.freeze(
 which moves everything alive into the permanent generation that collections skip;
 cleanup unfreezes and collects so the released engine's memory is returned. Both are
 process-wide (the node is meant to own its process).
+
+GIL hand-over: inference blocks on the GPU with the GIL released and needs it back the
+moment the forward is done; with CPython's default 5 ms switch interval another busy
+thread (DDS callbacks, image decoding) can keep it that long, several times a tick. The
+node sets a 1 ms switch interval at configure (process-wide, like the above).
 """
 
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +81,7 @@ PROMPT_QOS = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
 SKIP_LOG_PERIOD_S = 5.0       # one warning per skip reason per period
 ENGINE_WAIT_S = 30.0          # how long ~/predict and deactivate wait for a running inference
 HOLD_ACK_WAIT_S = 1.0         # how long deactivate waits for subscribers to acknowledge the hold
+GIL_SWITCH_INTERVAL_S = 0.001  # see the module docstring
 
 _PARAMETER_TYPES = {
     params.STRING: Parameter.Type.STRING,
@@ -307,6 +314,7 @@ class PolicyNode(LifecycleNode):
             log.info(f"warm-up done in {time.monotonic() - started:.2f} s")
             gc.collect()
             gc.freeze()  # see the module docstring
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
             return engine
         except BaseException:
             policy.close()
