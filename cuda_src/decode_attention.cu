@@ -166,31 +166,15 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const __grid
     __syncthreads();  // Q and this K tile are in
 
     float s[kMT][4] = {};
-#pragma unroll
-    for (int kstep = 0; kstep < kD / 16; kstep += 2) {
-      uint32_t kb[4];
-      ldmatrix_x4(kb, k_lane + kstep * 16);
-#pragma unroll
-      for (int i = 0; i < kMT; ++i) {
-        uint32_t qa[4], qb[4];
-        ldmatrix_x4(qa, qs + (16 * i + a_row) * kRowPad + kstep * 16 + a_col);
-        ldmatrix_x4(qb, qs + (16 * i + a_row) * kRowPad + (kstep + 1) * 16 + a_col);
-        mma_bf16_16x8x16(s[i], qa[0], qa[1], qa[2], qa[3], kb[0], kb[1]);
-        mma_bf16_16x8x16(s[i], qb[0], qb[1], qb[2], qb[3], kb[2], kb[3]);
-      }
-    }
+    qk_scores<kMT, kD>(s, qs + a_row * kRowPad + a_col, k_lane, kRowPad);
 
     // scores in log2 units; masked (bias -inf, past the split) -> -inf
 #pragma unroll
     for (int i = 0; i < kMT; ++i) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[i][e] = s[i][e] * p.scale_log2 + bias[i][e];
-      float m0 = fmaxf(s[i][0], s[i][1]);
-      float m1 = fmaxf(s[i][2], s[i][3]);
-      m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, 1));
-      m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, 2));
-      m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, 1));
-      m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, 2));
+      const float m0 = quad_max(fmaxf(s[i][0], s[i][1]));
+      const float m1 = quad_max(fmaxf(s[i][2], s[i][3]));
       if (c == 0) {
         red_max[warp * kRows + 16 * i + g] = m0;
         red_max[warp * kRows + 16 * i + g + 8] = m1;
@@ -217,19 +201,15 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const __grid
     for (int i = 0; i < kMT; ++i) {
       const float mx0 = row_max[16 * i + g];
       const float mx1 = row_max[16 * i + g + 8];
-      const float p0 = mx0 == -INFINITY ? 0.f : exp2f(s[i][0] - mx0);
-      const float p1 = mx0 == -INFINITY ? 0.f : exp2f(s[i][1] - mx0);
-      const float p2 = mx1 == -INFINITY ? 0.f : exp2f(s[i][2] - mx1);
-      const float p3 = mx1 == -INFINITY ? 0.f : exp2f(s[i][3] - mx1);
+      const float p0 = exp2_shifted(s[i][0], mx0);
+      const float p1 = exp2_shifted(s[i][1], mx0);
+      const float p2 = exp2_shifted(s[i][2], mx1);
+      const float p3 = exp2_shifted(s[i][3], mx1);
       const int col = warp * 8 + 2 * c;
       *reinterpret_cast<uint32_t*>(ps + (16 * i + g) * kPRowPad + col) = pack_bf16x2(p0, p1);
       *reinterpret_cast<uint32_t*>(ps + (16 * i + g + 8) * kPRowPad + col) = pack_bf16x2(p2, p3);
-      float s0 = p0 + p1;
-      float s1 = p2 + p3;
-      s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
-      s0 += __shfl_xor_sync(0xffffffffu, s0, 2);
-      s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
-      s1 += __shfl_xor_sync(0xffffffffu, s1, 2);
+      const float s0 = quad_sum(p0 + p1);
+      const float s1 = quad_sum(p2 + p3);
       if (c == 0) {
         red_sum[warp * kRows + 16 * i + g] = s0;
         red_sum[warp * kRows + 16 * i + g + 8] = s1;
@@ -244,37 +224,7 @@ __global__ void __launch_bounds__(kThreads) decode_attention_kernel(const __grid
       row_sum[tid] = row_sum[tid] * alpha[tid] + sum;
     }
 
-    uint32_t pa[kMT][kKeyTile / 16][4];
-#pragma unroll
-    for (int i = 0; i < kMT; ++i) {
-      const float a0 = alpha[16 * i + g];
-      const float a1 = alpha[16 * i + g + 8];
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        o[i][nt][0] *= a0;
-        o[i][nt][1] *= a0;
-        o[i][nt][2] *= a1;
-        o[i][nt][3] *= a1;
-      }
-#pragma unroll
-      for (int kstep = 0; kstep < kKeyTile / 16; ++kstep)
-        ldmatrix_x4(pa[i][kstep], ps + (16 * i + a_row) * kPRowPad + kstep * 16 + a_col);
-    }
-#pragma unroll
-    for (int kstep = 0; kstep < kKeyTile / 16; ++kstep) {
-#pragma unroll
-      for (int pair = 0; pair < 2; ++pair) {
-        uint32_t vb[4];
-        ldmatrix_x4_trans(vb, v_lane + kstep * 16 * kRowPad + pair * 16);
-#pragma unroll
-        for (int i = 0; i < kMT; ++i) {
-          mma_bf16_16x8x16(o[i][2 * pair], pa[i][kstep][0], pa[i][kstep][1], pa[i][kstep][2], pa[i][kstep][3], vb[0],
-                           vb[1]);
-          mma_bf16_16x8x16(o[i][2 * pair + 1], pa[i][kstep][0], pa[i][kstep][1], pa[i][kstep][2], pa[i][kstep][3],
-                           vb[2], vb[3]);
-        }
-      }
-    }
+    pv_accumulate<kMT, kKeyTile>(o, alpha, ps + a_row * kPRowPad + a_col, kPRowPad, v_lane, kRowPad);
     __syncthreads();  // V, P and the row statistics are free again
     if (t + 1 < tiles) load_kv_tile(vs, p.v, p.kv_row_stride, kv_head, key_begin + (t + 1) * kKeyTile, key_end);
     copy_async_commit();

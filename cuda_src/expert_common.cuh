@@ -1,4 +1,5 @@
-// Pieces shared by the action-expert kernels (small_m_linear.cu, decode_attention.cu):
+// Pieces shared by the action-expert kernels (small_m_linear.cu, decode_attention.cu,
+// expert_layer.cu):
 // bf16 tensor-core MMA, streaming / async loads, FP8 E4M3 -> bf16 widening,
 // programmatic dependent launch (PDL) and a cluster-aware launch helper.
 #pragma once
@@ -6,6 +7,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <mutex>
 #include <string>
@@ -94,6 +96,95 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
+// --- epilogue math ------------------------------------------------------------------------
+
+__device__ __forceinline__ float gelu_tanh(float x) {
+  constexpr float kSqrt2OverPi = 0.7978845608028654f;
+  return 0.5f * x * (1.f + tanhf(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
+}
+
+// --- attention tiles (decode_attention.cu, expert_layer.cu) ------------------------------
+//
+// Q, K, V and P staged in shared memory with padded rows; S = Q K^T and O += P V on
+// mma.m16n8k16. Each warp scores 8 keys for every 16-row query tile and owns 32 output
+// columns. Row statistics of an accumulator row live in the 4 lanes of a quad.
+
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// exp2(s - row_max); 0 while the row has no unmasked key (max -inf).
+__device__ __forceinline__ float exp2_shifted(float s, float row_max) {
+  return row_max == -INFINITY ? 0.f : exp2f(s - row_max);
+}
+
+// s[i] += Q rows [16 i, 16 i + 16) . the warp's 8 keys over kD dims. q_lane: this lane's
+// ldmatrix address in Q tile 0 (row lane % 16, column 8 (lane / 16)); k_lane: in the K
+// tile (key row lane % 8 of the warp's 8, column 8 (lane / 8)); rows `pad` elements apart.
+template <int kMT, int kD>
+__device__ __forceinline__ void qk_scores(float (&s)[kMT][4], const __nv_bfloat16* q_lane,
+                                          const __nv_bfloat16* k_lane, int pad) {
+#pragma unroll
+  for (int kstep = 0; kstep < kD / 16; kstep += 2) {
+    uint32_t kb[4];
+    ldmatrix_x4(kb, k_lane + kstep * 16);
+#pragma unroll
+    for (int i = 0; i < kMT; ++i) {
+      uint32_t qa[4], qb[4];
+      ldmatrix_x4(qa, q_lane + 16 * i * pad + kstep * 16);
+      ldmatrix_x4(qb, q_lane + 16 * i * pad + (kstep + 1) * 16);
+      mma_bf16_16x8x16(s[i], qa[0], qa[1], qa[2], qa[3], kb[0], kb[1]);
+      mma_bf16_16x8x16(s[i], qb[0], qb[1], qb[2], qb[3], kb[2], kb[3]);
+    }
+  }
+}
+
+// o[i][nt] = o[i][nt] * alpha[row] + P rows [16 i, 16 i + 16) . V (kKeys keys) for the
+// warp's columns; rows g, g + 8 of each tile (g = lane / 4). p_lane: ldmatrix address in P
+// tile 0 (as q_lane); v_lane: transposed V rows (key 8 (lane / 8 % 2) + lane % 8, column
+// 32 warp + 8 (lane / 16)).
+template <int kMT, int kKeys>
+__device__ __forceinline__ void pv_accumulate(float (&o)[kMT][4][4], const float* alpha, const __nv_bfloat16* p_lane,
+                                              int p_pad, const __nv_bfloat16* v_lane, int v_pad) {
+  const int g = (threadIdx.x & 31) >> 2;
+  uint32_t pa[kMT][kKeys / 16][4];
+#pragma unroll
+  for (int i = 0; i < kMT; ++i) {
+    const float a0 = alpha[16 * i + g];
+    const float a1 = alpha[16 * i + g + 8];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      o[i][nt][0] *= a0;
+      o[i][nt][1] *= a0;
+      o[i][nt][2] *= a1;
+      o[i][nt][3] *= a1;
+    }
+#pragma unroll
+    for (int kstep = 0; kstep < kKeys / 16; ++kstep) ldmatrix_x4(pa[i][kstep], p_lane + 16 * i * p_pad + kstep * 16);
+  }
+#pragma unroll
+  for (int kstep = 0; kstep < kKeys / 16; ++kstep) {
+#pragma unroll
+    for (int pair = 0; pair < 2; ++pair) {
+      uint32_t vb[4];
+      ldmatrix_x4_trans(vb, v_lane + kstep * 16 * v_pad + pair * 16);
+#pragma unroll
+      for (int i = 0; i < kMT; ++i) {
+        mma_bf16_16x8x16(o[i][2 * pair], pa[i][kstep][0], pa[i][kstep][1], pa[i][kstep][2], pa[i][kstep][3], vb[0],
+                         vb[1]);
+        mma_bf16_16x8x16(o[i][2 * pair + 1], pa[i][kstep][0], pa[i][kstep][1], pa[i][kstep][2], pa[i][kstep][3],
+                         vb[2], vb[3]);
+      }
+    }
+  }
+}
+
 // --- FP8 E4M3 -> bf16 ---------------------------------------------------------------------
 
 // Four E4M3 bytes e0..e3 of `u` -> bf16 pairs (e0, e1) and (e2, e3), exactly (every
@@ -140,29 +231,42 @@ inline const DeviceInfo& device_info() {
   return table[dev];
 }
 
-// Launches `kernel` on `stream` with `cluster_x` blocks per cluster along x (1: none)
-// and, when `pdl`, programmatic stream serialization. Raises naming the kernel when
-// the launch is rejected.
+// How a kernel is launched: `cluster_x` blocks per cluster along x (1: none);
+// programmatic stream serialization (`pdl`); `cooperative`: all blocks co-resident or
+// the launch fails (kernels with grid-wide barriers).
+struct LaunchOptions {
+  int cluster_x = 1;
+  bool pdl = false;
+  bool cooperative = false;
+};
+
+// Launches `kernel` on `stream` with `opt`. Raises naming the kernel when the launch is
+// rejected.
 template <typename Kernel, typename... Args>
-void launch(const char* name, Kernel kernel, dim3 grid, dim3 block, size_t smem, void* stream, int cluster_x,
-            bool pdl, const Args&... args) {
+void launch(const char* name, Kernel kernel, dim3 grid, dim3 block, size_t smem, void* stream, LaunchOptions opt,
+            const Args&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = static_cast<cudaStream_t>(stream);
-  cudaLaunchAttribute attrs[2];
+  cudaLaunchAttribute attrs[3];
   int n = 0;
-  if (cluster_x > 1) {
+  if (opt.cluster_x > 1) {
     attrs[n].id = cudaLaunchAttributeClusterDimension;
-    attrs[n].val.clusterDim.x = static_cast<unsigned>(cluster_x);
+    attrs[n].val.clusterDim.x = static_cast<unsigned>(opt.cluster_x);
     attrs[n].val.clusterDim.y = 1;
     attrs[n].val.clusterDim.z = 1;
     ++n;
   }
-  if (pdl) {
+  if (opt.pdl) {
     attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attrs[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
+  if (opt.cooperative) {
+    attrs[n].id = cudaLaunchAttributeCooperative;
+    attrs[n].val.cooperative = 1;
     ++n;
   }
   cfg.attrs = attrs;
@@ -173,6 +277,33 @@ void launch(const char* name, Kernel kernel, dim3 grid, dim3 block, size_t smem,
     throw std::runtime_error(std::string("flashrt kernel ") + name + " failed to launch: " + cudaGetErrorName(err) +
                              ": " + cudaGetErrorString(err));
   }
+}
+
+template <typename Kernel, typename... Args>
+void launch(const char* name, Kernel kernel, dim3 grid, dim3 block, size_t smem, void* stream, int cluster_x,
+            bool pdl, const Args&... args) {
+  launch(name, kernel, grid, block, smem, stream, LaunchOptions{cluster_x, pdl, false}, args...);
+}
+
+// Blocks of `kernel` resident per SM with `threads` threads and `smem` bytes of dynamic
+// shared memory; 0 when it does not fit or the query fails (cached per kernel, device
+// and size: a host query, legal during capture).
+inline int resident_blocks_per_sm(const void* kernel, int threads, size_t smem) {
+  static std::mutex mutex;
+  static std::map<std::pair<std::pair<const void*, int>, std::pair<int, size_t>>, int> cache;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(std::make_pair(kernel, dev), std::make_pair(threads, smem));
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem) != cudaSuccess) {
+    cudaGetLastError();
+    blocks = 0;
+  }
+  cache[key] = blocks;
+  return blocks;
 }
 
 // Raises the kernel's dynamic shared-memory limit to at least `bytes` (a host-side

@@ -291,11 +291,6 @@ __device__ void stage_x(const LinearParams& p, uint8_t* xs, float* row_rms, uint
   __syncthreads();
 }
 
-__device__ __forceinline__ float gelu_tanh(float x) {
-  constexpr float kSqrt2OverPi = 0.7978845608028654f;
-  return 0.5f * x * (1.f + tanhf(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
-}
-
 __device__ __forceinline__ void store_bf16(void* base, int64_t i, float v) {
   static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(v);
 }
@@ -572,26 +567,6 @@ int token_tiles_for(int64_t m) { return m <= 8 ? 1 : m <= 16 ? 2 : m <= 32 ? 4 :
 
 int chunk_k_for(int w_dtype) { return w_dtype == kFloat8E4M3 ? 64 : 32; }
 
-// Blocks of `kernel` resident per SM at `smem` bytes (cached: a host query).
-int blocks_per_sm(KernelFn kernel, size_t smem) {
-  static std::mutex mutex;
-  static std::map<std::pair<std::pair<const void*, int>, size_t>, int> cache;
-  int dev = 0;
-  cudaGetDevice(&dev);
-  std::lock_guard<std::mutex> lock(mutex);
-  auto key = std::make_pair(std::make_pair(reinterpret_cast<const void*>(kernel), dev), smem);
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  int blocks = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, smem) != cudaSuccess) {
-    cudaGetLastError();
-    blocks = 1;
-  }
-  blocks = blocks < 1 ? 1 : blocks;
-  cache[key] = blocks;
-  return blocks;
-}
-
 void check_param_vector(const void* p, const char* what) {
   require(p != nullptr, "small_m_linear", std::string(what) + " is required");
   require(aligned16(p), "small_m_linear", std::string(what) + " must be 16-byte aligned");
@@ -773,7 +748,8 @@ void small_m_linear(const SmallMLinearArgs& a, void* stream) {
 
   // Groups of `split` blocks; each loops over tiles. As many groups as are resident at
   // once (every SM streams; per-group tile counts differ by at most one).
-  const int64_t capacity = std::max<int64_t>(1, static_cast<int64_t>(blocks_per_sm(kernel, smem)) * dev.sms / split);
+  const int per_sm = std::max(1, resident_blocks_per_sm(reinterpret_cast<const void*>(kernel), kThreads, smem));
+  const int64_t capacity = std::max<int64_t>(1, static_cast<int64_t>(per_sm) * dev.sms / split);
   int64_t groups = std::min<int64_t>(tiles, capacity);
   if (a.max_groups > 0) groups = std::min<int64_t>(groups, a.max_groups);
   launch(name, kernel, dim3(static_cast<unsigned>(groups * split)), dim3(kThreads), smem, stream, split, a.pdl, p);

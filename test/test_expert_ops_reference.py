@@ -245,6 +245,175 @@ def test_decode_attention_fully_masked_row_is_zero():
     assert torch.equal(expert.decode_attention(q, k, v, bias=shared).float(), torch.zeros(m, hq, d))
 
 
+# --- whole layers (expert_layers: the composition of the ops above) ---------------------
+
+
+class TinyLayer:
+    """Random expert-layer weights at tiny dims (natural row order kept for float64)."""
+
+    def __init__(self, width, hq, hkv, d, mlp, s_max, norm_kind):
+        self.q_w, self.k_w, self.v_w = (rnd(h * d, width, dtype=BF16, scale=width**-0.5) for h in (hq, hkv, hkv))
+        self.o_w = rnd(width, hq * d, dtype=BF16, scale=(hq * d) ** -0.5)
+        self.gate_w, self.up_w = (rnd(mlp, width, dtype=BF16, scale=width**-0.5) for _ in range(2))
+        self.down_w = rnd(width, mlp, dtype=BF16, scale=mlp**-0.5)
+        self.norm_in, self.norm_post = NORMS[norm_kind](width), NORMS[norm_kind](width)
+        ada = norm_kind == "ada"
+        self.gate_in, self.gate_post = (rnd(width, scale=0.5) if ada else None for _ in range(2))
+        self.k_cache, self.v_cache = rnd(s_max, hkv, d, dtype=BF16), rnd(s_max, hkv, d, dtype=BF16)
+        self.d = d
+
+    def inputs(self):
+        weights = expert.ExpertLayerWeights(expert.pack_qkv_rope(self.q_w, self.k_w, self.v_w, self.d), self.o_w,
+                                            expert.pack_gate_up(self.gate_w, self.up_w), self.down_w)
+        return expert.ExpertLayerInputs(weights, self.norm_in, self.gate_in, self.norm_post, self.gate_post,
+                                        self.k_cache, self.v_cache)
+
+    def forward64(self, x, cos, sin, positions, offset, bias, keys, q_scale, attn_scale, kv_only):
+        """float64 with the kernels' bf16 rounding points; x bf16 [M, width] (returned
+        new), caches written in place."""
+        m, d = x.shape[0], self.d
+        xn = normalized(x, self.norm_in)
+        c, s = cos.double()[positions.long()], sin.double()[positions.long()]
+        q = rotate64((xn @ self.q_w.double().t()).view(m, -1, d), c, s) * q_scale
+        self.k_cache[offset:offset + m] = rotate64((xn @ self.k_w.double().t()).view(m, -1, d), c, s).to(BF16)
+        self.v_cache[offset:offset + m] = (xn @ self.v_w.double().t()).view(m, -1, d).to(BF16)
+        if kv_only:
+            return x
+        q = q.to(BF16)
+        attn = attention64(q, self.k_cache[:keys], self.v_cache[:keys], bias, attn_scale).to(BF16)
+        gate_in = 1.0 if self.gate_in is None else self.gate_in.double()
+        x = (x.double() + gate_in * (attn.double().reshape(m, -1) @ self.o_w.double().t())).to(BF16)
+        xn = normalized(x, self.norm_post)
+        h = (gelu_tanh64(xn @ self.gate_w.double().t()) * (xn @ self.up_w.double().t())).to(BF16)
+        gate_post = 1.0 if self.gate_post is None else self.gate_post.double()
+        return (x.double() + gate_post * (h.double() @ self.down_w.double().t())).to(BF16)
+
+
+TINY = dict(width=64, hq=4, hkv=1, d=16, mlp=128)
+
+
+def tiny_call(m=3, s_max=40, offset=25, keys=28, norm_kind="ada", n_layers=2):
+    layers = [TinyLayer(**TINY, s_max=s_max, norm_kind=norm_kind) for _ in range(n_layers)]
+    max_pos = 64
+    inv = 1.0 / (10000 ** (torch.arange(0, TINY["d"], 2, dtype=torch.float64) / TINY["d"]))
+    angles = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv[None]
+    bias = torch.zeros(keys)
+    bias[5:9] = -2.3819763e38  # masked prefix keys (Gemma's big negative)
+    kwargs = dict(cos=angles.cos().float(), sin=angles.sin().float(),
+                  positions=torch.arange(20, 20 + m, dtype=torch.int32),
+                  cache_offset=torch.tensor([offset], dtype=torch.int32), key_bias=bias, keys=keys,
+                  q_scale=TINY["d"] ** -0.5, attn_scale=1.0,
+                  workspace=expert.expert_layer_workspace(m, keys, num_q_heads=TINY["hq"], num_kv_heads=TINY["hkv"],
+                                                          head_dim=TINY["d"], width=TINY["width"], mlp=TINY["mlp"],
+                                                          device="cpu"))
+    return layers, rnd(m, TINY["width"], dtype=BF16, scale=2.0), kwargs
+
+
+@pytest.mark.parametrize("norm_kind", ["ada", "rms"])
+@pytest.mark.parametrize("kv_only", [False, True])
+def test_expert_layers_match_float64(norm_kind, kv_only):
+    layers, x, kw = tiny_call(norm_kind=norm_kind)
+    ref = x.clone()
+    ref_caches = []
+    for i, layer in enumerate(layers):
+        k0, v0 = layer.k_cache.clone(), layer.v_cache.clone()
+        ref = layer.forward64(ref, kw["cos"], kw["sin"], kw["positions"], 25, kw["key_bias"], kw["keys"],
+                              kw["q_scale"], kw["attn_scale"], kv_only and i == len(layers) - 1)
+        ref_caches.append((layer.k_cache.clone(), layer.v_cache.clone()))
+        layer.k_cache.copy_(k0)
+        layer.v_cache.copy_(v0)
+    res = x.clone()
+    out = expert.expert_layers(res, [layer.inputs() for layer in layers], stop_after_kv=kv_only, **kw)
+    assert out is res and res.dtype == BF16
+    if kv_only:  # only the first layer touched the residual
+        assert rel_err(res, ref) < 1e-2 and not torch.equal(res, x)
+    else:
+        assert rel_err(res, ref) < 1e-2
+    for layer, (k_ref, v_ref) in zip(layers, ref_caches):
+        assert rel_err(layer.k_cache, k_ref) < 1e-2 and rel_err(layer.v_cache, v_ref) < 1e-2
+
+
+def test_expert_layer_is_expert_layers_of_one_and_the_five_ops():
+    (layer,), x, kw = tiny_call(n_layers=1)
+    inputs = layer.inputs()
+    caches = (layer.k_cache.clone(), layer.v_cache.clone())
+    one = expert.expert_layer(x.clone(), inputs.weights, norm_in=inputs.norm_in, gate_in=inputs.gate_in,
+                              norm_post=inputs.norm_post, gate_post=inputs.gate_post, k_cache=layer.k_cache,
+                              v_cache=layer.v_cache, **kw)
+    layer.k_cache.copy_(caches[0])
+    layer.v_cache.copy_(caches[1])
+    res, w, m = x.clone(), inputs.weights, x.shape[0]
+    q = expert.linear_qkv_rope(res, w.qkv, norm=inputs.norm_in, cos=kw["cos"], sin=kw["sin"],
+                               positions=kw["positions"], k_cache=layer.k_cache, v_cache=layer.v_cache,
+                               cache_offset=kw["cache_offset"], q_scale=kw["q_scale"])
+    keys = kw["keys"]
+    attn = expert.decode_attention(q, layer.k_cache[:keys], layer.v_cache[:keys], bias=kw["key_bias"], scale=1.0)
+    expert.linear_gated_residual(attn.reshape(m, -1), w.o, res, gate=inputs.gate_in)
+    h = expert.linear_gelu_mul(res, w.gate_up, norm=inputs.norm_post)
+    expert.linear_gated_residual(h, w.down, res, gate=inputs.gate_post)
+    assert torch.equal(one, res)
+
+
+def test_expert_layer_workspace_bytes():
+    pi05 = dict(num_q_heads=8, num_kv_heads=1, head_dim=256, width=1024, mlp=4096)
+    # counters 512, q 40960, attention 40960, h 81920, split-K partials 4 x 64 x 1 KiB,
+    # attention partials: 5 row blocks x 18 chunks of 32 keys, 16 KiB + 128 B each
+    units = 5 * 18
+    expected = 256 + 512 + 40960 + 40960 + 81920 + 262144 + units * 16384 + units * 128
+    assert expert.expert_layer_workspace_bytes(10, 570, **pi05) == expected
+    assert expert.expert_layer_workspace_bytes(16, 1100, **pi05) > expert.expert_layer_workspace_bytes(10, 570, **pi05)
+    ws = expert.expert_layer_workspace(10, 570, **pi05, device="cpu")
+    assert ws.dtype == torch.uint8 and ws.numel() == expected and not ws.any()
+    with pytest.raises(ValueError, match="keys must be a positive int"):
+        expert.expert_layer_workspace(10, 0, **pi05, device="cpu")
+
+
+def _layer_case(**over):
+    layers, x, kw = tiny_call(n_layers=1)
+    kw = dict(kw, res=x, layers=[layers[0].inputs()])
+    kw.update(over)
+    return kw
+
+
+def _with_weights(**weights):
+    (layer,), _, _ = tiny_call(n_layers=1)
+    inputs = layer.inputs()
+    w = inputs.weights
+    return [expert.ExpertLayerInputs(expert.ExpertLayerWeights(**{**vars(w), **weights}), inputs.norm_in,
+                                     inputs.gate_in, inputs.norm_post, inputs.gate_post, inputs.k_cache,
+                                     inputs.v_cache)]
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(res=rnd(3, 64)), "res has dtype"),
+    (dict(res=rnd(3, 128, dtype=BF16)[:, ::2]), "contiguous"),
+    (dict(layers=[]), "at least one layer"),
+    (dict(layers=[None]), "ExpertLayerInputs"),
+    (dict(layers=_with_weights(qkv=rnd(100, 64, dtype=BF16))), "heads of"),
+    (dict(layers=_with_weights(o=rnd(64, 32, dtype=BF16))), "weights.o has shape"),
+    (dict(layers=_with_weights(down=rnd(64, 128))), "weights.down has dtype"),
+    (dict(keys=41), "keys must be an int"),
+    (dict(key_bias=torch.zeros(27)), "key_bias has shape"),
+    (dict(positions=torch.zeros(3, dtype=torch.int64)), "positions"),
+    (dict(cache_offset=torch.zeros(2, dtype=torch.int32)), "one element"),
+    (dict(cos=torch.ones(64, 4)), "cos must be"),
+    (dict(workspace=torch.zeros(64, dtype=torch.uint8)), "at least"),
+])
+def test_expert_layers_bad_input_raises_value_error(over, match):
+    with pytest.raises(ValueError, match=match):
+        expert.expert_layers(**_layer_case(**over))
+
+
+def test_expert_layers_reject_mismatched_caches_and_norms():
+    (a, b), x, kw = tiny_call()
+    bad_cache = expert.ExpertLayerInputs(**{**vars(b.inputs()), "k_cache": rnd(39, 1, 16, dtype=BF16)})
+    with pytest.raises(ValueError, match="layer 1 k_cache has shape"):
+        expert.expert_layers(x, [a.inputs(), bad_cache], **kw)
+    bad_norm = expert.ExpertLayerInputs(**{**vars(b.inputs()), "norm_post": None})
+    with pytest.raises(ValueError, match="layer 1 norm_post must be RmsNorm or AdaRmsNorm"):
+        expert.expert_layers(x, [a.inputs(), bad_norm], **kw)
+
+
 # --- errors --------------------------------------------------------------------------
 
 
