@@ -19,7 +19,7 @@ import rclpy
 import rclpy.time
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos import QoSProfile, QoSReliabilityPolicy
 
 from flashrt_ros.conversions import is_compressed_topic
 from flashrt_ros.launcher import Spinner, bring_down

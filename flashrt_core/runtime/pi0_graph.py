@@ -39,7 +39,7 @@ from ..ops.expert_reference import AdaRmsNorm, AttentionLaunch, LinearLaunch, Rm
 from ..models.gemma import MASKED_LOGIT, rope_tables
 from ..models.pi0 import PiConfig, flow_times, time_embedding
 from .graphs import CapturedForward
-from .precision import Fp8Linear, Linear, fp8_capable, fp8_gemm_shape_ok
+from .precision import Fp8Linear, Linear, fp8_capable
 
 log = logging.getLogger(__name__)
 

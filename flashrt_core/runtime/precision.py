@@ -85,12 +85,6 @@ def fp8_capable(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def fp8_gemm_shape_ok(linear: Linear) -> bool:
-    """_scaled_mm needs K and N to be multiples of 16."""
-    n, k = linear.weight.shape
-    return n % 16 == 0 and k % 16 == 0
-
-
 # -- calibration cache --------------------------------------------------------------------
 
 
