@@ -9,6 +9,7 @@ docs/ARCHITECTURE.md: "reference" = models.pi0.PiModel (eager PyTorch, any devic
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
@@ -48,11 +49,25 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+# The graph runtime's kernels and bf16 tensor-core GEMMs need Ampere or newer; FP8 GEMMs
+# (cuBLASLt E4M3) need Ada / Hopper / Blackwell.
+GRAPH_MIN_CAPABILITY = (8, 0)
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def resolve_precision(precision: str, device: torch.device, capability=None) -> str:
+    """"auto": bf16 on a GPU that has bf16 tensor cores, else fp32."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if capability is not None and capability >= GRAPH_MIN_CAPABILITY else "fp32"
     if precision not in PRECISIONS:
         raise DeviceError(f"unknown precision {precision!r}; expected auto or one of {PRECISIONS}")
+    if precision == "fp8" and (capability is None or capability < FP8_MIN_CAPABILITY):
+        where = "the CPU" if capability is None else f"a GPU of compute capability {capability[0]}.{capability[1]}"
+        raise DeviceError(f"precision fp8 needs a GPU of compute capability 8.9 or newer, not {where}; use bf16")
     return precision
 
 
@@ -66,14 +81,18 @@ def graph_runtime_class():
     return PiGraphRuntime
 
 
-def select_backend(backend: str, device: torch.device, precision: str) -> str:
-    """"auto": the graph runtime on CUDA when it is importable, else the reference model."""
+def select_backend(backend: str, device: torch.device, precision: str, capability=None) -> str:
+    """"auto": the graph runtime on a GPU it supports when it is importable, else (with a
+    warning on a GPU) the reference model."""
     if backend not in ("auto", "reference", "graph"):
         raise DeviceError(f"unknown backend {backend!r}; expected auto, reference or graph")
     if backend == "auto":
-        backend = "graph" if device.type == "cuda" and graph_runtime_class() is not None else "reference"
+        supported = capability is not None and capability >= GRAPH_MIN_CAPABILITY
+        backend = "graph" if supported and graph_runtime_class() is not None else "reference"
         if device.type == "cuda" and backend == "reference":
-            log.warning("the graph runtime is not available: running the (slow) reference backend on %s", device)
+            why = ("is not available" if supported else
+                   f"needs compute capability 8.0+, this GPU is {capability[0]}.{capability[1]}")
+            log.warning("the graph runtime %s: running the (slow) reference backend on %s", why, device)
     if backend == "graph" and graph_runtime_class() is None:
         raise DeviceError("the graph backend (flashrt_core.runtime.pi0_graph) is not available")
     if backend == "reference" and precision not in _TORCH_DTYPES:
@@ -82,15 +101,25 @@ def select_backend(backend: str, device: torch.device, precision: str) -> str:
 
 
 def build_backend(name: str, config, weights, device: torch.device, precision: str, num_views: int):
+    if name == "graph":
+        return graph_runtime_class().from_state_dict(config, weights, device=device, precision=precision,
+                                                     max_views=num_views)
+    return PiModel.from_state_dict(config, weights, device=device, dtype=_TORCH_DTYPES[precision])
+
+
+@contextlib.contextmanager
+def gpu_memory_guard(device: torch.device, what: str, weight_bytes: int):
+    """Turn a CUDA out-of-memory error into OutOfMemoryError naming the need (the
+    weights, in the compute dtype) against the memory free on the device."""
     try:
-        if name == "graph":
-            return graph_runtime_class().from_state_dict(config, weights, device=device, precision=precision,
-                                                         max_views=num_views)
-        return PiModel.from_state_dict(config, weights, device=device, dtype=_TORCH_DTYPES[precision])
+        yield
     except torch.OutOfMemoryError as e:
+        gc.collect()
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(device)
-        raise OutOfMemoryError(f"not enough GPU memory for the {name} backend ({free / 1e9:.1f} of "
-                               f"{total / 1e9:.1f} GB free): {e}") from e
+        raise OutOfMemoryError(
+            f"out of GPU memory while {what}: the weights alone need {weight_bytes / 1e9:.1f} GB, "
+            f"{free / 1e9:.1f} of {total / 1e9:.1f} GB are free on {device} ({str(e).splitlines()[0]})") from None
 
 
 class Policy:
@@ -102,8 +131,9 @@ class Policy:
         config = info.config if num_steps is None else replace(info.config, num_steps=int(num_steps))
         self.config = config
         self.device = resolve_device(device)
-        precision = resolve_precision(precision, self.device)
-        backend = select_backend(backend, self.device, precision)
+        capability = device_capability(self.device)
+        precision = resolve_precision(precision, self.device, capability)
+        backend = select_backend(backend, self.device, precision, capability)
 
         self.norm = load_norm_stats(path, config.norm_mode, norm_stats_asset)
         state_dim = self.norm.state.dim or info.state_dim or config.state_dim
@@ -120,8 +150,11 @@ class Policy:
                                          config.discrete_state_input)
 
         weights = load_state_dict(path, config)
-        self._backend = build_backend(backend, config, weights, self.device, precision, num_views)
-        if self.device.type == "cpu" and sum(t.numel() for t in weights.values()) < SINGLE_THREAD_MAX_PARAMS:
+        params = sum(t.numel() for t in weights.values())
+        self._weight_bytes = params * (4 if precision == "fp32" else 2)
+        with gpu_memory_guard(self.device, f"loading the {backend} backend", self._weight_bytes):
+            self._backend = build_backend(backend, config, weights, self.device, precision, num_views)
+        if self.device.type == "cpu" and params < SINGLE_THREAD_MAX_PARAMS:
             torch.set_num_threads(1)
         del weights
         self._generator = torch.Generator().manual_seed(int(np.random.SeedSequence().entropy % 2**63))
@@ -184,7 +217,8 @@ class Policy:
         prepare = getattr(self._backend, "prepare", None)
         if prepare is not None:
             started = time.perf_counter()
-            prepare(self.spec.num_views)
+            with gpu_memory_guard(self.device, "capturing CUDA graphs", self._weight_bytes):
+                prepare(self.spec.num_views)
             log.debug("graphs ready in %.2f s", time.perf_counter() - started)
 
     @property

@@ -165,7 +165,7 @@ def test_bad_input(pi05, overrides, error, match):
 def test_load_errors_and_close(tiny_checkpoint, tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_policy(tmp_path / "missing")
-    with pytest.raises(DeviceError, match="graph backend"):
+    with pytest.raises(DeviceError, match="fp8 needs a GPU"):
         load_policy(tiny_checkpoint("pi0"), precision="fp8")
     with pytest.raises(DeviceError):
         load_policy(tiny_checkpoint("pi0"), backend="warp")
@@ -193,3 +193,25 @@ def test_bf16_reference_runs(tiny_checkpoint):
     a, b = predict(policy).actions, predict(fp32).actions
     cosine = (a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b)
     assert cosine > 0.99
+
+
+def test_backend_and_precision_follow_the_gpu_generation():
+    """The graph runtime needs Ampere+ (else the reference, with a warning); FP8 needs 8.9+;
+    'auto' precision is bf16 only where bf16 tensor cores exist."""
+    import torch
+
+    from flashrt_core.errors import DeviceError
+    from flashrt_core.policy import resolve_precision, select_backend
+
+    cuda = torch.device("cuda")
+    assert resolve_precision("auto", cuda, (9, 0)) == "bf16"
+    assert resolve_precision("auto", cuda, (7, 5)) == "fp32"
+    assert resolve_precision("auto", torch.device("cpu"), None) == "fp32"
+    assert resolve_precision("fp8", cuda, (8, 9)) == "fp8"
+    with pytest.raises(DeviceError, match="8.9"):
+        resolve_precision("fp8", cuda, (8, 6))
+    with pytest.raises(DeviceError, match="CPU"):
+        resolve_precision("fp8", torch.device("cpu"), None)
+    assert select_backend("auto", cuda, "fp32", (7, 5)) == "reference"
+    assert select_backend("auto", torch.device("cpu"), "fp32", None) == "reference"
+    assert select_backend("auto", cuda, "bf16", (9, 0)) == "graph"
