@@ -54,6 +54,20 @@ SMALL_M_MAX_ROWS = 16
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 
 
+def apply_norm(norm, res: torch.Tensor, out: torch.Tensor, added=None, gate=None) -> None:
+    """out = norm(res) through the row-norm kernels, first adding `added` (times `gate`
+    where there is one) into the residual in place."""
+    if isinstance(norm, AdaRmsNorm):
+        if added is None:
+            ops.ada_rms_norm(res, norm.scale, norm.shift, out=out)
+        else:
+            ops.gated_add_ada_rms_norm(added, res, gate, norm.scale, norm.shift, out=out)
+    elif added is None:
+        ops.rms_norm(res, norm.weight, out=out)
+    else:
+        ops.add_rms_norm(added, res, norm.weight, out=out)
+
+
 def present_views(images: torch.Tensor, image_mask: torch.Tensor):
     """Drop masked views. SigLIP encodes each view alone and a masked view's tokens are
     invisible and take no position, so the forward over the remaining views is the same
@@ -395,12 +409,8 @@ class PiGraphRuntime:
                 lin.amax.zero_()
             Linear.recording = True
             try:
-                for images, image_mask, *rest in observations:
-                    images, image_mask = present_views(images, image_mask)
-                    s = self._session(images.shape[0])
-                    bucket = self._bucket(int(rest[1].sum()))
-                    self._stage_inputs(s, bucket, images, image_mask, *rest)
-                    self._forward(s, bucket)
+                for observation in observations:
+                    self._forward(*self._stage(*observation))
             finally:
                 Linear.recording = False
         if not self.fp8_ready:
@@ -486,6 +496,20 @@ class PiGraphRuntime:
             return out[0].transpose(0, 1)
         return attend
 
+    def _expert_norm(self, layer: int, which: int, step: int | None):
+        """(norm, gate of the residual add after its block) of the input (which=0) or
+        post-attention (1) norm of expert `layer`; layer == depth: the final norm.
+        Pi0.5 flow steps: adaRMS with the step's precomputed (scale, shift, gate);
+        Pi0 and the state pass (step None): RMSNorm with its weight, no gate."""
+        w = self.w
+        depth = len(w.expert_layers)
+        if step is not None and self.config.pi05:
+            scale, shift, gate = w.adarms[step, layer, which] if layer < depth else w.adarms_final[step]
+            return AdaRmsNorm(scale, shift), gate
+        weight = (w.expert_layers[layer]["in_norm" if which == 0 else "post_norm"] if layer < depth
+                  else w.expert_final_norm)
+        return RmsNorm(weight), None
+
     def _expert(self, s: _Session, prefix_len: int, first: int, rows: int, step: int | None) -> None:
         """Expert layers over `rows` suffix tokens in e_res[:rows], whose K/V go to cache rows
         prefix_len + first ...; they attend to every key before and including themselves.
@@ -499,22 +523,12 @@ class PiGraphRuntime:
         keys = row0 + rows
         positions = s.group_positions[first]
         depth = len(w.expert_layers)
-        adaptive = step is not None and self.config.pi05
 
-        def norm(which: int, layer: int, added: torch.Tensor | None, gate_of: tuple[int, int] | None):
-            """Input (which=0) / post-attention (1) norm of `layer`, optionally first adding
-            `added` to the residual, gated by the gate of norm `gate_of` (Pi0.5)."""
-            if adaptive:
-                scale, shift, _ = (w.adarms[step, layer, which] if layer < depth else w.adarms_final[step])
-                if added is None:
-                    return ops.ada_rms_norm(res, scale, shift, out=h)
-                gate = w.adarms[step, gate_of[0], gate_of[1], 2]
-                return ops.gated_add_ada_rms_norm(added, res, gate, scale, shift, out=h)
-            weight = (w.expert_layers[layer]["in_norm" if which == 0 else "post_norm"] if layer < depth
-                      else w.expert_final_norm)
-            if added is None:
-                return ops.rms_norm(res, weight, out=h)
-            return ops.add_rms_norm(added, res, weight, out=h)
+        def norm(which: int, layer: int, added: torch.Tensor | None, gate_of: tuple[int, int]):
+            """Input (which=0) / post-attention (1) norm of `layer` (depth: the final norm),
+            optionally first adding `added` to the residual, gated by norm `gate_of`'s gate."""
+            gate = None if added is None else self._expert_norm(*gate_of, step)[1]
+            apply_norm(self._expert_norm(layer, which, step)[0], res, h, added, gate)
 
         for i, layer in enumerate(w.expert_layers):
             # `o` holds the previous layer's MLP output (see the end of the loop)
@@ -541,22 +555,14 @@ class PiGraphRuntime:
         res, h, q, attn, mlp = (t[first:first + rows] for t in (s.e_res, s.e_h, s.e_q, s.e_attn, s.e_mlp))
         keys = prefix_len + first + rows
         positions, cache_row = s.group_positions[first], s.group_cache_row[first]
-        adaptive = step is not None and self.config.pi05
         depth = len(w.expert_layers)
         # FLASHRT_PDL=0 turns programmatic dependent launch off, so a profiler shows each
         # kernel's own time instead of time overlapped with its predecessor.
         pdl = self.use_graphs and os.environ.get("FLASHRT_PDL", "1") == "1"
         lin, att = LinearLaunch(pdl=pdl), AttentionLaunch(pdl=pdl)
 
-        def norm_and_gate(layer: int, which: int):
-            """(prologue norm, gate of the residual add after the block) of norm `which`."""
-            if adaptive:
-                scale, shift, gate = w.adarms[step, layer, which]
-                return AdaRmsNorm(scale, shift), gate
-            return RmsNorm(w.expert_layers[layer]["in_norm" if which == 0 else "post_norm"]), None
-
         for i, layer in enumerate(w.expert_layers):
-            norm, gate_attn = norm_and_gate(i, 0)
+            norm, gate_attn = self._expert_norm(i, 0, step)
             expert_ops.linear_qkv_rope(res, layer["qkv"], w_scale=layer["qkv_scale"], norm=norm, cos=s.rope_cos,
                                        sin=s.rope_sin, positions=positions, k_cache=s.k_cache[i],
                                        v_cache=s.v_cache[i], cache_offset=cache_row, q_out=q,
@@ -567,16 +573,12 @@ class PiGraphRuntime:
                                         scale=1.0, out=attn, launch=att)
             expert_ops.linear_gated_residual(attn.view(rows, -1), layer["o"], res, gate=gate_attn,
                                              w_scale=layer["o_scale"], launch=lin)
-            norm, gate_mlp = norm_and_gate(i, 1)
+            norm, gate_mlp = self._expert_norm(i, 1, step)
             expert_ops.linear_gelu_mul(res, layer["gate_up"], w_scale=layer["gate_up_scale"], norm=norm, out=mlp,
                                        launch=lin)
             expert_ops.linear_gated_residual(mlp, layer["down"], res, gate=gate_mlp, w_scale=layer["down_scale"],
                                              launch=lin)
-        if adaptive:
-            scale, shift, _ = w.adarms_final[step]
-            ops.ada_rms_norm(res, scale, shift, out=h)
-        else:
-            ops.rms_norm(res, w.expert_final_norm, out=h)
+        apply_norm(self._expert_norm(depth, 0, step)[0], res, h)  # final norm
 
     def _flow_step(self, s: _Session, prefix_len: int, first_action: int, step: int) -> None:
         """x_t <- x_t + dt * v(x_t, t_step): embed the actions, run the expert, project, Euler."""
@@ -623,6 +625,14 @@ class PiGraphRuntime:
             if valid_tokens <= bucket:
                 return bucket
         return self.buckets[-1]
+
+    def _stage(self, images, image_mask, tokens, token_mask, state, noise) -> tuple[_Session, int]:
+        """Drop missing views, pick the session and prompt bucket, stage the inputs."""
+        images, image_mask = present_views(images, image_mask)
+        s = self._session(images.shape[0])
+        bucket = self._bucket(int(token_mask.sum()))
+        self._stage_inputs(s, bucket, images, image_mask, tokens, token_mask, state, noise)
+        return s, bucket
 
     def _stage_inputs(self, s: _Session, bucket: int, images, image_mask, tokens, token_mask, state, noise):
         """Write one observation into the session's pinned staging block and start its copy
@@ -680,11 +690,8 @@ class PiGraphRuntime:
     def sample_actions(self, images, image_mask, tokens, token_mask, state, noise) -> torch.Tensor:
         if self.precision == "fp8" and not self.fp8_ready:
             raise RuntimeError("FP8 runtime is not calibrated: call calibrate() first")
-        images, image_mask = present_views(images, image_mask)
-        s = self._session(images.shape[0])
-        bucket = self._bucket(int(token_mask.sum()))
         with torch.cuda.device(self.device) if self.use_graphs else contextlib.nullcontext():
-            self._stage_inputs(s, bucket, images, image_mask, tokens, token_mask, state, noise)
+            s, bucket = self._stage(images, image_mask, tokens, token_mask, state, noise)
             if self.use_graphs:
                 self._capture(s, bucket).replay()
                 self._host_out.copy_(s.x_t, non_blocking=True)
