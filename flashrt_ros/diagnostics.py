@@ -2,7 +2,8 @@
 
 diagnostic_updater is not available as a wheel, so the node keeps its own figures:
 achieved publish rate, latency percentiles over a rolling window, skipped ticks by
-reason (total and since the last report), and GPU memory when the engine is on CUDA.
+reason (total and since the last report), the engine fault that stopped the node (if
+any), and GPU memory when the engine is on CUDA.
 `PolicyHealth` is plain Python (thread-safe, testable without ROS);
 `diagnostic_status` turns a report into a diagnostic_msgs/DiagnosticStatus.
 """
@@ -56,6 +57,17 @@ class PolicyHealth:
         self._skipped_since_report: collections.Counter = collections.Counter()
         self._published_since_report = 0
         self._last_skip_detail: dict[str, str] = {}
+        self.fault: tuple[str, str] | None = None  # (reason, advice) while the engine is stopped
+
+    def record_fault(self, reason: str, advice: str) -> None:
+        """The engine was stopped: every report is ERROR with the reason and the advice
+        until clear_fault()."""
+        with self._lock:
+            self.fault = (reason, advice)
+
+    def clear_fault(self) -> None:
+        with self._lock:
+            self.fault = None
 
     def record_published(self, inference_s: float, observation_to_publish_s: float,
                          now: float | None = None) -> None:
@@ -84,8 +96,9 @@ class PolicyHealth:
     def report(self, *, active: bool, engine: dict[str, str],
                now: float | None = None) -> HealthReport:
         """Figures since start plus the level of the period since the last report:
-        ERROR when active and nothing was published but ticks were skipped (or the
-        engine failed), WARN when some ticks were skipped, OK otherwise."""
+        ERROR while an engine fault is recorded, or when active and nothing was published
+        but ticks were skipped (or the engine failed), WARN when some ticks were skipped,
+        OK otherwise."""
         rate = self.rate(now)
         with self._lock:
             period_skips = self._skipped_since_report
@@ -105,7 +118,12 @@ class PolicyHealth:
             for reason, count in sorted(self.skipped.items()):
                 values[f"skipped: {reason}"] = str(count)
             last_details = dict(self._last_skip_detail)
+            fault = self.fault
         values.update(engine)
+        if fault is not None:
+            reason, advice = fault
+            values.update({"engine fault": reason, "advice": advice})
+            return HealthReport(ERROR, f"engine stopped: {reason}; {advice}", values)
         if not period_skips:
             return HealthReport(OK, "publishing" if active else "inactive", values)
         worst = period_skips.most_common(1)[0][0]

@@ -86,6 +86,10 @@ POLICY_PARAMETERS: tuple[Param, ...] = (
           "Fill JointTrajectory velocities by finite differences of the chunk.", read_only=True),
     Param("frame_id", STRING, "",
           "header.frame_id of published ActionChunk / JointTrajectory messages."),
+    Param("max_consecutive_engine_failures", INT, 3,
+          "After this many failed engine calls in a row (each skips its tick) the node "
+          "deactivates itself, publishing the hold. A dead CUDA context deactivates it "
+          "at the first failure.", min=1, max=1000),
     Param("diagnostics_period", FLOAT, 1.0,
           "Seconds between /diagnostics messages.", min=0.05, max=60.0, read_only=True),
 )

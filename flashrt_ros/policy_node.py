@@ -27,6 +27,15 @@ executor works; flashrt_ros.launcher spins each node on its own single-threaded 
 Safety: a chunk with a non-finite value is never published; values are clamped to
 joint_limits_lower/upper after that check (clamping would hide an inf).
 
+Engine faults (flashrt_ros/engine_faults.py): a failing engine call skips its tick and
+the node goes on; max_consecutive_engine_failures failures in a row, or one that left
+the CUDA context dead, stop it: no further tick runs, /diagnostics turns ERROR with the
+reason and advice, and the node deactivates itself (publishing the hold). The
+transition runs on the executor (a guard condition the engine thread triggers, in the
+callback group of the lifecycle services, so it never interleaves with a requested
+transition), never on the engine thread. Until the node is activated again (refused
+while the CUDA context is dead) or cleaned up, ~/predict answers with the fault.
+
 Engine thread: every engine call (load, warm-up, predict, close) runs on one
 dedicated thread, whichever executor thread asked for it. Per-thread state then stays
 consistent: CUDA's current stream, and on the CPU the OpenMP team torch creates for
@@ -71,6 +80,7 @@ from rclpy.time import Time
 from flashrt_ros import conversions, params
 from flashrt_ros.conversions import ConversionError
 from flashrt_ros.diagnostics import PolicyHealth, diagnostic_status, gpu_memory
+from flashrt_ros.engine_faults import EngineFailures, EngineFault, describe_error
 from flashrt_ros.observation import ObservationBuffer, SkippedTick
 
 # Commands: reliable, a few deep (a late subscriber does not need old chunks).
@@ -156,6 +166,7 @@ class _Engine:
     trajectory_upper: np.ndarray | None
     trajectory_velocities: bool
     buffer: ObservationBuffer
+    failures: EngineFailures
     subscriptions: list = field(default_factory=list)
     service: object = None
     diagnostics_timer: object = None
@@ -195,6 +206,9 @@ class PolicyNode(LifecycleNode):
         self._diagnostics_group = MutuallyExclusiveCallbackGroup()
         self._engine_thread = ThreadPoolExecutor(max_workers=1,
                                                  thread_name_prefix="flashrt-engine")
+        # Set on the engine thread when the engine must stop; see the module docstring.
+        self._fault: EngineFault | None = None
+        self._fault_guard = self.create_guard_condition(self._deactivate_after_fault)
 
     def _on_engine_thread(self, function, *args, **kwargs):
         """Run `function` on the engine thread and return its result (see the module
@@ -237,7 +251,7 @@ class PolicyNode(LifecycleNode):
             self._engine = self._on_engine_thread(self._build_engine)
             self._create_interfaces(self._engine)
         except Exception as error:  # noqa: BLE001 - any failure leaves us unconfigured
-            log.error(f"configure failed: {_one_line(error)}")
+            log.error(f"configure failed: {describe_error(error)}")
             self._release_engine()
             return TransitionCallbackReturn.FAILURE
         spec = self._engine.spec
@@ -249,6 +263,11 @@ class PolicyNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        fault = self._fault
+        if fault is not None and fault.context_lost:
+            self.get_logger().error(f"not activating: {fault.reason}; {fault.advice}")
+            return TransitionCallbackReturn.FAILURE
+        self._clear_fault()
         rate_hz = parameter_value(self, "rate_hz")
         self._active = True
         self._timer = self.create_timer(1.0 / rate_hz, self._on_tick,
@@ -263,6 +282,7 @@ class PolicyNode(LifecycleNode):
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release_engine()
+        self._clear_fault()
         self.get_logger().info("cleaned up: engine released")
         return TransitionCallbackReturn.SUCCESS
 
@@ -368,7 +388,8 @@ class PolicyNode(LifecycleNode):
             trajectory_lower=joint_lower[mapped] if trajectory else None,
             trajectory_upper=joint_upper[mapped] if trajectory else None,
             trajectory_velocities=values["trajectory_velocities"],
-            buffer=ObservationBuffer(streams))
+            buffer=ObservationBuffer(streams),
+            failures=EngineFailures())
 
     def _create_interfaces(self, engine: _Engine) -> None:
         from diagnostic_msgs.msg import DiagnosticArray
@@ -479,7 +500,10 @@ class PolicyNode(LifecycleNode):
             if publisher is not None:
                 self.destroy_lifecycle_publisher(publisher)
         with self._engine_lock:
-            self._on_engine_thread(engine.policy.close)
+            try:
+                self._on_engine_thread(engine.policy.close)
+            except Exception as error:  # noqa: BLE001 - e.g. a dead CUDA context; nothing to free
+                self.get_logger().error(f"closing the engine failed: {describe_error(error)}")
         del engine
         gc.unfreeze()
         gc.collect()
@@ -501,7 +525,7 @@ class PolicyNode(LifecycleNode):
             return
         try:
             engine = self._engine
-            if engine is None or not self._active:
+            if engine is None or not self._active or self._fault is not None:
                 self._engine_lock.release()
                 return
             observation = engine.buffer.snapshot(
@@ -529,7 +553,7 @@ class PolicyNode(LifecycleNode):
         except SkippedTick as skipped:
             self._record_skip(skipped)
         except Exception as error:  # noqa: BLE001 - nothing else sees this thread's errors
-            self.get_logger().error(f"tick failed: {_one_line(error)}")
+            self.get_logger().error(f"tick failed: {describe_error(error)}")
         finally:
             self._engine_lock.release()
 
@@ -557,13 +581,43 @@ class PolicyNode(LifecycleNode):
             reason = "bad prompt" if prompt.strip() else "empty prompt"
             raise SkippedTick(reason, str(error)) from None
         except Exception as error:  # noqa: BLE001 - an engine failure must not kill the node
-            raise SkippedTick("inference error", _one_line(error)) from None
+            self._engine_failed(engine, error)
+            raise SkippedTick("inference error", describe_error(error)) from None
+        engine.failures.reset()
         inference_s = time.monotonic() - started
         actions = np.asarray(result.actions, dtype=np.float32)
         if not np.isfinite(actions).all():
             bad = int(np.size(actions) - np.isfinite(actions).sum())
             raise SkippedTick("non-finite actions", f"{bad} of {actions.size} values")
         return np.clip(actions, engine.action_lower, engine.action_upper), inference_s
+
+    def _engine_failed(self, engine: _Engine, error: Exception) -> None:
+        """Count a failed engine call (engine thread); stop the engine on a fault."""
+        fault = engine.failures.failed(
+            error, engine.spec.device, parameter_value(self, "max_consecutive_engine_failures"))
+        if fault is None or self._fault is not None:
+            return
+        self._fault = fault
+        self.health.record_fault(fault.reason, fault.advice)
+        self.get_logger().error(f"engine stopped: {fault.reason}; {fault.advice}")
+        self._fault_guard.trigger()
+
+    def _deactivate_after_fault(self) -> None:
+        """Guard-condition callback (executor thread): active -> inactive after a fault,
+        the same transition as a requested deactivate (so the hold is published)."""
+        if self._fault is None or self._state_machine.current_state[1] != "active":
+            return
+        self.get_logger().error("deactivating after the engine fault")
+        try:
+            self.trigger_deactivate()
+        except Exception as error:  # noqa: BLE001 - a transition requested meanwhile won
+            self.get_logger().error(f"deactivating failed: {describe_error(error)}")
+
+    def _clear_fault(self) -> None:
+        self._fault = None
+        self.health.clear_fault()
+        if self._engine is not None:
+            self._engine.failures.reset()
 
     def _header(self, stamp_ns: int):
         from std_msgs.msg import Header
@@ -599,10 +653,11 @@ class PolicyNode(LifecycleNode):
     # ------------------------------------------------------------------ ~/predict
 
     def _on_predict(self, request, response):
-        engine = self._engine
-        if engine is None:
+        engine, fault = self._engine, self._fault
+        if engine is None or fault is not None:
             response.success = False
-            response.message = "node is not configured"
+            response.message = ("node is not configured" if engine is None else
+                                f"engine stopped: {fault.reason}; {fault.advice}")
             return response
         try:
             camera_messages = self._request_images(engine, request)
@@ -667,7 +722,7 @@ class PolicyNode(LifecycleNode):
         try:
             values.update(gpu_memory(spec.device))
         except Exception as error:  # noqa: BLE001 - diagnostics must not take the node down
-            values["gpu memory"] = f"unavailable: {_one_line(error)}"
+            values["gpu memory"] = f"unavailable: {describe_error(error)}"
         report = self.health.report(active=self._active, engine=values)
         array = DiagnosticArray()
         array.header.stamp = self.get_clock().now().to_msg()
@@ -675,11 +730,6 @@ class PolicyNode(LifecycleNode):
             report, name=f"{self.get_fully_qualified_name()}: policy",
             hardware_id=spec.device)]
         engine.diagnostics_publisher.publish(array)
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def main(args: list[str] | None = None) -> int:
