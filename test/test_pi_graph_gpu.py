@@ -86,3 +86,24 @@ def test_fp8_calibration_round_trips(full_model):
     assert second.calibrate(amax=amax) == amax
     obs = synthetic.random_observation(config, 2, 30, seed=6)
     torch.testing.assert_close(first.sample_actions(*obs), second.sample_actions(*obs), rtol=0, atol=0)
+
+
+def test_vision_fast_paths_match_the_plain_ops(full_model):
+    """SigLIP on CUDA: flash-attention varlen straight from the packed QKV and fc1 with
+    cuBLASLt's GELU epilogue give the image tokens of SDPA + a separate gelu_tanh."""
+    config, weights, _ = full_model
+    fast = PiGraphRuntime.from_state_dict(config, weights, device="cuda", precision="bf16")
+    s = fast._session(2)
+    assert s.flash_varlen and s.fused_gelu  # torch 2.11+ on SM80+: both should be there
+    obs = synthetic.random_observation(config, 2, 20, seed=5)
+    fast._stage(*obs)
+    with torch.inference_mode():
+        fast._vision(s)
+        tokens = s.g_res[:s.image_tokens].clone()
+        s.flash_varlen = s.fused_gelu = False
+        s.g_res.fill_(float("nan"))
+        fast._vision(s)
+    plain = s.g_res[:s.image_tokens].float()
+    assert torch.isfinite(tokens).all()
+    assert cosine(tokens, plain) > 0.9999
+    assert (tokens.float() - plain).norm() / plain.norm() < 2e-2

@@ -39,7 +39,7 @@ from ..ops.expert_reference import AdaRmsNorm, AttentionLaunch, LinearLaunch, Rm
 from ..models.gemma import MASKED_LOGIT, rope_tables
 from ..models.pi0 import PiConfig, flow_times, time_embedding
 from .graphs import CapturedForward
-from .precision import Fp8Linear, Linear, fp8_capable
+from .precision import Fp8Linear, Linear, addmm_gelu_is_tanh, fp8_capable
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,8 @@ def flash_varlen_works(device: torch.device, head_dim: int) -> bool:
     """Whether aten's flash-attention varlen kernel (with seqused_k) runs here: tried once
     on a tiny input and compared with plain softmax attention."""
     try:
-        q, k, v = (torch.randn(5, h, head_dim, device=device, dtype=torch.bfloat16) for h in (2, 1, 1))
+        packed = torch.randn(5, 4, head_dim, device=device, dtype=torch.bfloat16)  # [tokens, 2 q + k + v heads]
+        q, k, v = packed[:, :2], packed[:, 2:3], packed[:, 3:]
         bounds = torch.tensor([0, 5], dtype=torch.int32, device=device)
         used = torch.tensor([3], dtype=torch.int32, device=device)
         out = torch.ops.aten._flash_attention_forward(q, k, v, bounds, bounds, 5, 5, 0.0, False, False, scale=1.0,
@@ -316,8 +317,11 @@ class _Session:
 
         self.graphs: dict[int, CapturedForward] = {}
         # prefix attention through flash-attention varlen (see PiGraphRuntime._prefix_attention)
-        self.flash_varlen = dev.type == "cuda" and flash_varlen_works(dev, gc.head_dim)
+        # (SigLIP too: flash_varlen_works tries packed, strided q / k / v of both head dims)
+        self.flash_varlen = dev.type == "cuda" and all(flash_varlen_works(dev, d) for d in (gc.head_dim, vc.head_dim))
         self.flash_bounds: dict[int, torch.Tensor] = {}
+        self.view_bounds = torch.arange(0, n_img + 1, vc.num_patches, dtype=torch.int32, device=dev)
+        self.fused_gelu = addmm_gelu_is_tanh(dev)
 
 
 class PiGraphRuntime:
@@ -435,16 +439,33 @@ class PiGraphRuntime:
             # residual += previous output (layer 0: the patch embedding onto bias + position)
             ops.add_layer_norm(s.v_o, s.v_res, *layer["ln1"], out=s.v_h)
             layer["qkv"](s.v_h, out=s.v_qkv)
-            q, k, v = s.v_qkv.view(s.views, vc.num_patches, 3, heads, vc.head_dim).permute(2, 0, 3, 1, 4)
-            attn = F.scaled_dot_product_attention(q, k, v)
-            s.v_attn.view(s.views, vc.num_patches, heads, vc.head_dim).copy_(attn.transpose(1, 2))
-            layer["out"](s.v_attn, out=s.v_o)
+            layer["out"](self._vision_attention(s), out=s.v_o)
             ops.add_layer_norm(s.v_o, s.v_res, *layer["ln2"], out=s.v_h)
-            layer["fc1"](s.v_h, out=s.v_mlp)
-            ops.gelu_tanh(s.v_mlp, out=s.v_mlp)
+            if s.fused_gelu:
+                layer["fc1"].gelu_tanh(s.v_h, out=s.v_mlp)
+            else:
+                layer["fc1"](s.v_h, out=s.v_mlp)
+                ops.gelu_tanh(s.v_mlp, out=s.v_mlp)
             layer["fc2"](s.v_mlp, out=s.v_o)
         ops.add_layer_norm(s.v_o, s.v_res, *w.post_ln, out=s.v_h)
         w.projector(s.v_h, out=s.g_res[:s.image_tokens])
+
+    def _vision_attention(self, s: _Session) -> torch.Tensor:
+        """Each view's patches attend to that view's patches (no mask), from the packed QKV
+        [patches, 3, heads, head_dim]; returns [patches, width]. On CUDA flash-attention
+        varlen (one sequence per view) reads q / k / v in place and writes the layout the
+        out projection takes; elsewhere SDPA over [views, heads, patches, head_dim]."""
+        vc = self.config.vision
+        qkv = s.v_qkv.view(s.image_tokens, 3, vc.num_heads, vc.head_dim)
+        if s.flash_varlen:
+            out = torch.ops.aten._flash_attention_forward(
+                qkv[:, 0], qkv[:, 1], qkv[:, 2], s.view_bounds, s.view_bounds, vc.num_patches, vc.num_patches,
+                0.0, False, False, scale=vc.head_dim**-0.5)[0]
+            return out.view(s.image_tokens, vc.width)
+        q, k, v = qkv.view(s.views, vc.num_patches, 3, vc.num_heads, vc.head_dim).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v)
+        s.v_attn.view(s.views, vc.num_patches, vc.num_heads, vc.head_dim).copy_(attn.transpose(1, 2))
+        return s.v_attn
 
     def _prefix(self, s: _Session, prefix_len: int) -> None:
         """Gemma 2B over [image tokens | prompt bucket]; fills rows [0, prefix_len) of the KV cache."""
