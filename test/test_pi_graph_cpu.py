@@ -64,3 +64,31 @@ def test_small_m_expert_path_matches_gemm_path(backends):
     cosine = torch.nn.functional.cosine_similarity
     assert cosine(small_m.flatten(), gemm.flatten(), 0) > 0.999
     assert cosine(small_m.flatten(), expected.flatten(), 0) > 0.999
+
+
+def test_fp8_prefix_with_quantizing_producers(backends, monkeypatch):
+    """FP8 (E4M3 through torch's CPU _scaled_mm): norms and GeGLU write each prefix GEMM's
+    input already quantized with its static scale. Same actions as quantizing in a separate
+    pass (up to the one bf16 rounding skipped), close to fp32, and calibration (which
+    measures the unquantized inputs) gives the same scales on both paths."""
+    config = backends[0]
+    weights = synthetic.random_state_dict(config, seed=3)
+    calibration = [synthetic.random_observation(config, 2, 12, seed=40 + i) for i in range(2)]
+    obs = synthetic.random_observation(config, 2, 20, seed=50)
+
+    def run(separate_quantize: bool):
+        if separate_quantize:
+            monkeypatch.setattr("flashrt_core.runtime.pi0_graph.gemm_input", lambda linear, buffer: (buffer, None))
+        fast = PiGraphRuntime.from_state_dict(config, weights, device="cpu", precision="fp8")
+        amax = fast.calibrate(calibration)
+        return fast.sample_actions(*obs), amax
+
+    fused, fused_amax = run(separate_quantize=False)
+    separate, separate_amax = run(separate_quantize=True)
+    assert fused_amax == separate_amax
+    assert torch.isfinite(fused).all()
+    assert not torch.equal(fused, separate)  # the producers did quantize (one rounding fewer)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(fused.flatten().double(), separate.flatten().double(), 0) > 0.9999
+    expected = PiModel.from_state_dict(config, weights).sample_actions(*obs)
+    assert cos(fused.flatten().double(), expected.flatten().double(), 0) > 0.995

@@ -39,7 +39,7 @@ from ..ops.expert_reference import AdaRmsNorm, AttentionLaunch, LinearLaunch, Rm
 from ..models.gemma import MASKED_LOGIT, rope_tables
 from ..models.pi0 import PiConfig, flow_times, time_embedding
 from .graphs import CapturedForward
-from .precision import Fp8Linear, Linear, addmm_gelu_is_tanh, fp8_capable
+from .precision import Fp8Linear, Linear, addmm_gelu_is_tanh, fp8_capable, gemm_input
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +355,9 @@ class PiGraphRuntime:
         device = torch.device(device)
         if precision not in COMPUTE_DTYPES:
             raise ValueError(f"precision {precision!r} is not one of {sorted(COMPUTE_DTYPES)}")
-        if precision == "fp8" and not fp8_capable(device):
+        # FP8 on the CPU runs through torch's CPU _scaled_mm: slow, there to test the FP8 graph
+        # code without a GPU (Policy never picks it: resolve_precision wants a GPU for fp8).
+        if precision == "fp8" and device.type != "cpu" and not fp8_capable(device):
             raise ValueError(f"fp8 needs a GPU of compute capability 8.9 or newer, not {device}")
         dtype = COMPUTE_DTYPES[precision]
         if expert_path == "auto":
@@ -474,22 +476,27 @@ class PiGraphRuntime:
         res, h, o, qkv, q, gu, mlp = (t[:n] for t in (s.g_res, s.g_h, s.g_o, s.g_qkv, s.g_q, s.g_gu, s.g_mlp))
         torch.index_select(w.embed_tokens, 0, s.tokens[:n - s.image_tokens], out=res[s.image_tokens:])
         attend = self._prefix_attention(s, n)
+        # Norms and GeGLU write each GEMM's input in its own format: bf16, or (FP8) already
+        # quantized with the GEMM's static scale (gemm_input).
         for i, layer in enumerate(w.vlm_layers):
             # `o` holds the previous layer's MLP output: add it to the residual, then norm
+            x, x_scale = gemm_input(layer["qkv"], h)
             if i == 0:
-                ops.rms_norm(res, layer["in_norm"], out=h)
+                ops.rms_norm(res, layer["in_norm"], out=x, out_scale=x_scale)
             else:
-                ops.add_rms_norm(o, res, layer["in_norm"], out=h)
-            layer["qkv"](h, out=qkv)
+                ops.add_rms_norm(o, res, layer["in_norm"], out=x, out_scale=x_scale)
+            layer["qkv"](x, out=qkv)
             ops.qkv_rope_split(qkv, s.rope_cos, s.rope_sin, s.positions[:n], s.k_cache[i], s.v_cache[i],
                                cache_offset=0, q_scale=gc.head_dim**-0.5, out=q)
             if i == len(w.vlm_layers) - 1:
                 break  # only this layer's K/V are ever read
             layer["o"](attend(q, s.k_cache[i, :n], s.v_cache[i, :n]).reshape(n, -1), out=o)
-            ops.add_rms_norm(o, res, layer["post_norm"], out=h)
-            layer["gate_up"](h, out=gu)
-            ops.gelu_tanh_mul(gu, out=mlp)
-            layer["down"](mlp, out=o)
+            x, x_scale = gemm_input(layer["gate_up"], h)
+            ops.add_rms_norm(o, res, layer["post_norm"], out=x, out_scale=x_scale)
+            layer["gate_up"](x, out=gu)
+            x, x_scale = gemm_input(layer["down"], mlp)
+            ops.gelu_tanh_mul(gu, out=x, out_scale=x_scale)
+            layer["down"](x, out=o)
 
     def _prefix_attention(self, s: _Session, n: int):
         """attend(q [n, H, D], k / v [n, KV, D]) -> [n, H, D] over the prefix's valid keys.

@@ -100,13 +100,30 @@ class Fp8Linear(Linear):
     def set_scale_from_amax(self) -> None:
         self.act_scale.copy_((self.amax.reshape(()) / FP8_MAX).clamp(min=1e-12))
 
+    def quantized_input(self, rows: int) -> torch.Tensor:
+        """The E4M3 buffer [rows, K] this GEMM reads: a producer kernel (norm, GeGLU) that
+        writes it directly with out_scale=act_scale saves a quantize pass over x."""
+        k = self.weight8.shape[1]
+        return self.scratch[:rows * k].view(rows, k)
+
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        self.record(x)
-        rows, k = x.shape
-        x8 = self.scratch[:rows * k].view(rows, k)
-        ops.quantize_fp8(x, self.act_scale.view(1), out=x8)
-        return torch._scaled_mm(x8, self.weight8.t(), scale_a=self.act_scale, scale_b=self.w_scale,
+        """x: the bf16 input (quantized here), or quantized_input() already written."""
+        if x.dtype != FP8:
+            self.record(x)
+            x8 = self.quantized_input(x.shape[0])
+            ops.quantize_fp8(x, self.act_scale.view(1), out=x8)
+            x = x8
+        return torch._scaled_mm(x, self.weight8.t(), scale_a=self.act_scale, scale_b=self.w_scale,
                                 bias=self.bias, out_dtype=out.dtype, out=out)
+
+
+def gemm_input(linear: Linear, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(where a producer writes `linear`'s input, the out_scale it writes with): `buffer`
+    in the compute dtype, or an FP8 GEMM's quantized input and static scale. Calibration
+    forwards (Linear.recording) measure the unquantized input, so they get `buffer`."""
+    if isinstance(linear, Fp8Linear) and not Linear.recording:
+        return linear.quantized_input(buffer.shape[0]), linear.act_scale.view(1)
+    return buffer, None
 
 
 def fp8_capable(device: torch.device) -> bool:
