@@ -180,7 +180,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     demo = _import("flashrt_ros.demo", "the demo")
     return demo.main(duration=args.duration, model=args.model, checkpoint=args.checkpoint, rate_hz=args.rate,
                      device=args.device, precision=args.precision, robot_rate_hz=args.robot_rate,
-                     json_path=args.json)
+                     json_path=args.json, robot=args.robot)
 
 
 def cmd_bench(argv: list[str]) -> int:
@@ -309,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="synthetic camera and joint-state rate (default 30)")
     demo.add_argument("--device", default="auto", help="engine device (default auto)")
     demo.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp8"])
+    demo.add_argument("--robot", default="auto", choices=["auto", "own-process", "same-process"],
+                      help="where the synthetic robot and chunk consumer run: a process of "
+                           "their own (as a real robot; the default when the engine runs on "
+                           "CUDA) or the node's process (the default on the CPU)")
     demo.add_argument("--json", metavar="FILE", help="also write the summary's numbers here")
     demo.set_defaults(handler=cmd_demo)
 

@@ -1,7 +1,20 @@
 """The built-in demo (`flashrt-ros demo`): a policy node on the tiny demo checkpoint,
 fed by a synthetic robot (two cameras, one raw and one JPEG-compressed, plus joint
-states) in the same process, printing the action chunks it publishes once a second
-and a summary at the end (after `duration` seconds or Ctrl-C).
+states), whose chunk consumer prints the newest action chunk once a second; a summary
+at the end (after `duration` seconds or Ctrl-C).
+
+Where the robot runs: in the node's process (its publishers and consumer spun on
+threads beside the node), or in a process of its own (multiprocessing spawn, its own
+rclpy context), as a real robot is. Its own process is the default when the engine runs
+on CUDA: in-process, the robot's Python work (frame generation, JPEG encoding, chunk
+handling) competes for the GIL with the engine thread and adds to every tick.
+
+Numbers (summary and --json): chunks published, achieved rate, skipped ticks by reason,
+and the node's own figures (flashrt_ros.diagnostics): inference latency (wall time of
+the engine's predict call) and observation -> publish (header stamp of the newest
+input to the chunk's publication, node clock). The consumer adds observation ->
+receive: the same stamp to the chunk's arrival at the robot, DDS transport included
+(both processes read the same system clock).
 
 Everything is real ROS 2 (rclpy over DDS) and the real engine; only the robot and the
 checkpoint's weights are synthetic.
@@ -9,8 +22,11 @@ checkpoint's weights are synthetic.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -26,6 +42,10 @@ DEMO_JOINT_TOPIC = "demo/joint_states"
 DEMO_PROMPT = "pick up the red block"
 ROBOT_RATE_HZ = 30.0
 IMAGE_HEIGHT, IMAGE_WIDTH = 240, 320   # not the model's 224x224: the engine resizes
+ROBOT_MODES = ("auto", "own-process", "same-process")
+ROBOT_WHERE = {"own-process": "its own process", "same-process": "the node's process"}
+CONNECT_TIMEOUT_S = 60.0  # for the robot to start and match the node's topics
+_SPAWN = multiprocessing.get_context("spawn")  # never fork a process running DDS threads
 
 
 def demo_checkpoint(model: str) -> Path:
@@ -71,10 +91,15 @@ class SyntheticRobot(Node):
         self._raw = self.create_publisher(Image, DEMO_CAMERAS[0], 5)
         self._jpeg = self.create_publisher(CompressedImage, DEMO_CAMERAS[1], 5)
         self._joints = self.create_publisher(JointState, DEMO_JOINT_TOPIC, 10)
+        self._streams = (self._raw, self._jpeg, self._joints)
         self._started = time.monotonic()
         ramp = np.linspace(0, 255, IMAGE_WIDTH, dtype=np.float32)
         self._ramp = np.broadcast_to(ramp, (IMAGE_HEIGHT, IMAGE_WIDTH))
         self.create_timer(1.0 / rate_hz, self._publish)
+
+    def connected(self) -> bool:
+        """Every stream has a subscriber (the policy node's, once it is configured)."""
+        return all(p.get_subscription_count() > 0 for p in self._streams)
 
     def _publish(self) -> None:
         import cv2
@@ -99,29 +124,44 @@ class SyntheticRobot(Node):
         self._joints.publish(joints)
 
 
-class ChunkPrinter(Node):
-    """Prints one line a second about the newest action chunk (times from its start)."""
+class ChunkConsumer(Node):
+    """The robot's side of the policy output: takes every action chunk, measures
+    observation -> receive latency (header stamp to arrival here), and prints one line
+    a second about the newest chunk once the policy is active. `active_since` is a
+    shared multiprocessing Value: time.monotonic() at activation (the clock is the
+    same in every process), 0 before."""
 
-    def __init__(self, policy_name: str):
-        super().__init__("demo_chunk_printer")
+    def __init__(self, policy_name: str, active_since):
+        super().__init__("demo_chunk_consumer")
         from flashrt_ros.msg import ActionChunk
 
+        self._active_since = active_since
         self._lock = threading.Lock()
         self._newest = None
         self._received = 0
-        self._started = time.monotonic()
-        self.create_subscription(ActionChunk, f"{policy_name}/action_chunk", self._keep, 10)
+        self._receive_latency: list[float] = []
+        self._subscription = self.create_subscription(
+            ActionChunk, f"{policy_name}/action_chunk", self._keep, 10)
         self.create_timer(1.0, self._print)
 
+    def connected(self) -> bool:
+        return self._subscription.get_publisher_count() > 0
+
     def _keep(self, chunk) -> None:
+        received_ns = self.get_clock().now().nanoseconds
+        stamp_ns = chunk.header.stamp.sec * 1_000_000_000 + chunk.header.stamp.nanosec
         with self._lock:
             self._newest = chunk
             self._received += 1
+            self._receive_latency.append((received_ns - stamp_ns) * 1e-9)
 
     def _print(self) -> None:
+        active_since = self._active_since.value
+        if not active_since:
+            return
         with self._lock:
             chunk, received = self._newest, self._received
-        elapsed = time.monotonic() - self._started
+        elapsed = time.monotonic() - active_since
         if chunk is None:
             print(f"[{elapsed:5.1f} s] waiting for the first action chunk...", flush=True)
             return
@@ -133,46 +173,171 @@ class ChunkPrinter(Node):
               f"  observation age {chunk.observation_age * 1e3:5.1f} ms"
               f"  ({received} received)", flush=True)
 
+    def results(self) -> dict:
+        """Chunks received and observation -> receive percentiles [ms] (None: no chunk)."""
+        with self._lock:
+            latencies = np.array(self._receive_latency)
+            out = {"received": self._received}
+        for q in (50, 90, 99):
+            out[f"observation_to_receive_p{q}_ms"] = (
+                float(np.percentile(latencies, q)) * 1e3 if latencies.size else None)
+        return out
 
-def results(policy, active_seconds: float) -> dict:
+
+@contextlib.contextmanager
+def spinning_robot(joint_names, robot_rate_hz, policy_name, active_since):
+    """(SyntheticRobot, ChunkConsumer) spinning on their own threads in this process's
+    default rclpy context until the block ends."""
+    nodes = []
+    try:
+        nodes = [SyntheticRobot(joint_names, robot_rate_hz), ChunkConsumer(policy_name, active_since)]
+        with launcher.Spinner(nodes):
+            yield tuple(nodes)
+    finally:
+        for node in nodes:
+            node.destroy_node()
+
+
+class RobotInProcess:
+    """The synthetic robot and the chunk consumer in the node's process."""
+
+    def __init__(self, joint_names, robot_rate_hz, policy_name):
+        self.active_since = _SPAWN.Value("d", 0.0)
+        self._spinning = spinning_robot(joint_names, robot_rate_hz, policy_name, self.active_since)
+
+    def __enter__(self) -> "RobotInProcess":
+        self._robot, self._consumer = self._spinning.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._spinning.__exit__(*exc)
+
+    def connected(self) -> bool:
+        return self._robot.connected() and self._consumer.connected()
+
+    def results(self) -> dict:
+        return self._consumer.results()
+
+
+def _robot_process_main(joint_names, robot_rate_hz, policy_name, connected, active_since, stop,
+                        results) -> None:
+    """Entry point of the robot's own process: its own rclpy context, until `stop`;
+    then the consumer's results go back on the `results` queue."""
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's; it sets `stop`
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+    try:
+        with spinning_robot(joint_names, robot_rate_hz, policy_name, active_since) as nodes:
+            while not stop.wait(0.02):
+                if not connected.is_set() and all(node.connected() for node in nodes):
+                    connected.set()
+            results.put(nodes[1].results())
+    finally:
+        rclpy.try_shutdown()
+
+
+class RobotProcess:
+    """The synthetic robot and the chunk consumer in a process of their own."""
+
+    def __init__(self, joint_names, robot_rate_hz, policy_name):
+        self.active_since = _SPAWN.Value("d", 0.0)
+        self._connected = _SPAWN.Event()
+        self._stop = _SPAWN.Event()
+        self._results = _SPAWN.Queue()
+        self._process = _SPAWN.Process(
+            target=_robot_process_main, name="demo-robot", daemon=True,
+            args=(joint_names, robot_rate_hz, policy_name, self._connected, self.active_since,
+                  self._stop, self._results))
+
+    def __enter__(self) -> "RobotProcess":
+        self._process.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._process.join(timeout=10.0)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join()
+
+    def connected(self) -> bool:
+        if not self._process.is_alive() and not self._connected.is_set():
+            raise RuntimeError(f"the robot process exited (code {self._process.exitcode})")
+        return self._connected.is_set()
+
+    def results(self) -> dict:
+        """Stop the robot and return its consumer's results."""
+        self._stop.set()
+        return self._results.get(timeout=30.0)
+
+
+def resolve_robot(robot: str, device: str) -> str:
+    """'own-process' or 'same-process' for `robot` (one of ROBOT_MODES); 'auto' is its
+    own process when the engine runs on CUDA (`device` cuda[:N], or auto with a GPU)."""
+    if robot not in ROBOT_MODES:
+        raise ValueError(f"robot must be one of {', '.join(ROBOT_MODES)}, got {robot!r}")
+    if robot != "auto":
+        return robot
+    if device == "auto":
+        import torch
+
+        on_cuda = torch.cuda.is_available()
+    else:
+        on_cuda = device.startswith("cuda")
+    return "own-process" if on_cuda else "same-process"
+
+
+def results(policy, active_seconds: float, consumer: dict, robot: str) -> dict:
     """The run's numbers (what summary() prints), for --json."""
     health = policy.health
     out = {"published": health.published, "active_seconds": active_seconds,
            "rate_hz": health.published / max(active_seconds, 1e-9),
-           "target_hz": policy.get_parameter("rate_hz").value, "skipped": dict(health.skipped)}
+           "target_hz": policy.get_parameter("rate_hz").value, "skipped": dict(health.skipped),
+           "robot": robot,
+           "received": consumer["received"]}
     for key, window in (("inference", health.inference_latency), ("observation_to_publish",
                                                                      health.observation_latency)):
         for q in (50, 90, 99):
             value = window.percentile(q)
             out[f"{key}_p{q}_ms"] = None if value is None else value * 1e3
+    out.update({k: v for k, v in consumer.items() if k.startswith("observation_to_receive")})
     return out
 
 
-def summary(policy, active_seconds: float) -> str:
-    health = policy.health
-    lines = [f"chunks published: {health.published} in {active_seconds:.1f} s "
-             f"({health.published / max(active_seconds, 1e-9):.1f} Hz, target "
-             f"{policy.get_parameter('rate_hz').value:g} Hz)"]
-    for label, window in (("inference latency", health.inference_latency),
-                          ("observation to publish", health.observation_latency)):
-        p50, p99 = window.percentile(50), window.percentile(99)
+def summary(numbers: dict) -> str:
+    """The human-readable form of results()."""
+    lines = [f"chunks published: {numbers['published']} in {numbers['active_seconds']:.1f} s "
+             f"({numbers['rate_hz']:.1f} Hz, target {numbers['target_hz']:g} Hz); "
+             f"robot in {ROBOT_WHERE[numbers['robot']]}, "
+             f"{numbers['received']} chunks received"]
+    for label, key in (("inference latency", "inference"),
+                       ("observation to publish", "observation_to_publish"),
+                       ("observation to receive", "observation_to_receive")):
+        p50, p99 = numbers[f"{key}_p50_ms"], numbers[f"{key}_p99_ms"]
         if p50 is not None:
-            lines.append(f"{label}: p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms")
-    skipped = sum(health.skipped.values())
-    reasons = ", ".join(f"{reason}: {n}" for reason, n in health.skipped.most_common())
-    lines.append(f"skipped ticks: {skipped}" + (f" ({reasons})" if reasons else ""))
+            lines.append(f"{label}: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    skipped = numbers["skipped"]
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in
+                        sorted(skipped.items(), key=lambda item: -item[1]))
+    lines.append(f"skipped ticks: {sum(skipped.values())}" + (f" ({reasons})" if reasons else ""))
     return "\n".join(lines)
 
 
 def main(duration: float = 10.0, model: str = "pi05", checkpoint: str | None = None, rate_hz: float = 20.0,
          device: str = "auto", precision: str = "auto", robot_rate_hz: float = ROBOT_RATE_HZ,
-         json_path: str | None = None) -> int:
+         json_path: str | None = None, robot: str = "auto") -> int:
     """Run the demo for `duration` seconds (or until Ctrl-C); returns the exit code.
 
     checkpoint: another checkpoint than the tiny demo one (e.g. a full-size synthetic one
-    on a GPU: the node's latency at a real model's size); json_path: write the numbers."""
+    on a GPU: the node's latency at a real model's size); json_path: write the numbers;
+    robot: one of ROBOT_MODES (see the module docstring)."""
+    from rclpy.lifecycle import TransitionCallbackReturn
+
     from flashrt_ros.policy_node import PolicyNode
 
+    robot = resolve_robot(robot, device)
     checkpoint = Path(checkpoint) if checkpoint else demo_checkpoint(model)
     joint_names, action_names = joint_and_action_names(checkpoint, model)
     overrides = {
@@ -182,27 +347,39 @@ def main(duration: float = 10.0, model: str = "pi05", checkpoint: str | None = N
         "prompt": DEMO_PROMPT, "rate_hz": float(rate_hz),
     }
     print(f"flashrt_ros demo: {model} on {checkpoint} (random weights), "
-          f"{len(DEMO_CAMERAS)} cameras + {len(joint_names)} joints at {robot_rate_hz:g} Hz, "
+          f"{len(DEMO_CAMERAS)} cameras + {len(joint_names)} joints at {robot_rate_hz:g} Hz "
+          f"(robot in {ROBOT_WHERE[robot]}), "
           f"policy at {rate_hz:g} Hz, prompt {DEMO_PROMPT!r}; {duration:g} s or Ctrl-C", flush=True)
     with launcher.ros_process() as stop:
         policy = PolicyNode(POLICY_NODE_NAME,
                             parameter_overrides=launcher.parameter_overrides(overrides))
-        nodes = [policy, SyntheticRobot(joint_names, robot_rate_hz)]
+        policy_name = policy.get_fully_qualified_name()
         try:
-            with launcher.Spinner(nodes) as spinner:
-                if not launcher.bring_up(policy):
+            robot_class = RobotProcess if robot == "own-process" else RobotInProcess
+            with launcher.Spinner([policy]), \
+                    robot_class(joint_names, robot_rate_hz, policy_name) as robot_side:
+                if policy.trigger_configure() != TransitionCallbackReturn.SUCCESS:
                     print("demo failed: the policy node did not configure (see the log)")
                     return 1
-                nodes.append(ChunkPrinter(policy.get_fully_qualified_name()))
-                spinner.add_node(nodes[-1])
+                # Activate once the robot's streams reach the node (a process of its own
+                # needs a moment to start), so no tick starts without inputs.
+                launcher.wait_for(stop, until=robot_side.connected, timeout=CONNECT_TIMEOUT_S)
+                if not robot_side.connected():
+                    print(f"demo failed: the synthetic robot did not connect within "
+                          f"{CONNECT_TIMEOUT_S:g} s")
+                    return 1
+                if policy.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+                    print("demo failed: the policy node did not activate (see the log)")
+                    return 1
                 started = time.monotonic()
+                robot_side.active_since.value = started
                 launcher.wait_for(stop, timeout=duration)
                 active_seconds = time.monotonic() - started
                 launcher.bring_down(policy)
+                numbers = results(policy, active_seconds, robot_side.results(), robot)
         finally:
-            for node in nodes:
-                node.destroy_node()
-    print("summary\n" + summary(policy, active_seconds), flush=True)
+            policy.destroy_node()
+    print("summary\n" + summary(numbers), flush=True)
     if json_path:
-        Path(json_path).write_text(json.dumps(results(policy, active_seconds), indent=2))
+        Path(json_path).write_text(json.dumps(numbers, indent=2))
     return 0 if policy.health.published > 0 else 1

@@ -1,6 +1,8 @@
 """The built-in demo end to end (`flashrt-ros demo`, the README's first command): the
-real engine on the tiny checkpoint, a synthetic robot, chunks printed, a summary."""
+real engine on the tiny checkpoint, a synthetic robot (in the node's process or its
+own), chunks printed, a summary and its JSON numbers."""
 
+import json
 import os
 import re
 import subprocess
@@ -11,11 +13,13 @@ from policy_harness import tiny_checkpoint  # noqa: F401 - fixture
 pytestmark = pytest.mark.ros
 
 
-def test_demo_prints_chunks_and_a_summary(flashrt_ros_command, tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("robot", ["same-process", "own-process"])
+def test_demo_prints_chunks_and_a_summary(flashrt_ros_command, tiny_checkpoint, tmp_path, robot):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "pi05_tiny").symlink_to(tiny_checkpoint)
     env = dict(os.environ, FLASHRT_CACHE_DIR=str(tmp_path))
-    result = subprocess.run([flashrt_ros_command, "demo", "--duration", "4"], env=env,
+    result = subprocess.run([flashrt_ros_command, "demo", "--duration", "4", "--robot", robot,
+                             "--json", str(tmp_path / "numbers.json")], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
@@ -27,7 +31,28 @@ def test_demo_prints_chunks_and_a_summary(flashrt_ros_command, tiny_checkpoint, 
     assert published > 10
     assert re.search(r"inference latency: p50 [\d.]+ ms, p99 [\d.]+ ms", out)
     assert re.search(r"observation to publish: p50 [\d.]+ ms, p99 [\d.]+ ms", out)
+    assert re.search(r"observation to receive: p50 [\d.]+ ms, p99 [\d.]+ ms", out)
     assert re.search(r"skipped ticks: \d+", out)
+    numbers = json.loads((tmp_path / "numbers.json").read_text())
+    assert numbers["robot"] == robot and numbers["published"] == published
+    # The consumer (in the robot's process when it has its own) got the chunks: all
+    # but the ones in flight when it stopped.
+    assert published - 3 <= numbers["received"] <= published
+    for key in ("inference", "observation_to_publish", "observation_to_receive"):
+        assert 0 < numbers[f"{key}_p50_ms"] <= numbers[f"{key}_p99_ms"], key
+    assert numbers["rate_hz"] > 0 and numbers["target_hz"] == 20.0
+    assert isinstance(numbers["skipped"], dict)
+
+
+def test_robot_runs_in_its_own_process_when_the_engine_is_on_cuda():
+    from flashrt_ros.demo import resolve_robot
+
+    assert resolve_robot("auto", "cuda") == resolve_robot("auto", "cuda:1") == "own-process"
+    assert resolve_robot("auto", "cpu") == "same-process"
+    assert resolve_robot("same-process", "cuda") == "same-process"
+    assert resolve_robot("own-process", "cpu") == "own-process"
+    with pytest.raises(ValueError, match="robot must be one of"):
+        resolve_robot("thread", "cpu")
 
 
 def test_demo_writes_a_missing_checkpoint(tmp_path, monkeypatch):
