@@ -309,23 +309,36 @@ def bench_layer_chain(table: Table, layers, copy_gbs):
 
 TRACE_PHASES = ("qkv", "barrier", "attention", "barrier", "merge", "barrier", "o_proj", "barrier", "gate_up",
                 "barrier", "down")
-TRACE_EVENTS = 16
+TRACE_EVENTS = 24  # cuda_src/expert_layer.cu TraceEvent
+GEMV_PHASES = ("qkv", "o_proj", "gate_up", "down")
+GEMV_START_EVENT = (0, 6, 8, 10)  # the stamp each GEMV phase starts from (layer start, barriers 3, 4, 5)
+GEMV_END_EVENT = (1, 7, 9, 11)
 
 
 def print_trace(trace: torch.Tensor, layer_us: float) -> None:
     """Per-phase time of the traced layers: cycles between the kernel's stamps, median
     and max over blocks, scaled to us by the replay's time per layer (launch gaps
-    excluded, so the phases sum to a little less)."""
+    excluded, so the phases sum to a little less). Then each GEMV phase split into x
+    staging (start to first x staged), items (to the last item's epilogue) and tail
+    (split-K counters and sums), as thread 0 of each block saw them."""
     t = trace.view(trace.shape[0], -1, TRACE_EVENTS).double()
     spans = t[:, :, 1:len(TRACE_PHASES) + 1] - t[:, :, :len(TRACE_PHASES)]  # [grid, layers, phases]
     total = t[:, :, len(TRACE_PHASES)] - t[:, :, 0]
     us_per_cycle = layer_us / float(total.median())
-    cells = [f"{name} {float(spans[..., i].median()) * us_per_cycle:.2f}/{float(spans[..., i].amax()) * us_per_cycle:.2f}"
-             for i, name in enumerate(TRACE_PHASES)]
-    waits = t[:, :, 12:16] * us_per_cycle
-    cells += [f"wait {name} {float(waits[..., i].median()):.2f}/{float(waits[..., i].amax()):.2f}"
-              for i, name in enumerate(("qkv", "o_proj", "gate_up", "down"))]
+
+    def cell(name, cycles):
+        return f"{name} {float(cycles.median()) * us_per_cycle:.2f}/{float(cycles.amax()) * us_per_cycle:.2f}"
+
+    cells = [cell(name, spans[..., i]) for i, name in enumerate(TRACE_PHASES)]
+    cells += [cell(f"wait {name}", t[:, :, 12 + i]) for i, name in enumerate(GEMV_PHASES)]
     print(f"  {float(total.median()):.0f} cycles/layer; us (median/max over blocks): " + ", ".join(cells), flush=True)
+    split = []
+    for i, name in enumerate(GEMV_PHASES):
+        start, staged, items, end = (t[:, :, GEMV_START_EVENT[i]], t[:, :, 16 + i], t[:, :, 20 + i],
+                                     t[:, :, GEMV_END_EVENT[i]])
+        split.append(f"{name}: " + ", ".join((cell("stage", staged - start), cell("items", items - staged),
+                                               cell("tail", end - items))))
+    print("  " + "; ".join(split), flush=True)
 
 
 def bench_expert_layer(table: Table, layers: int, copy_gbs: float, sweep: bool):
@@ -384,6 +397,19 @@ def bench_expert_layer(table: Table, layers: int, copy_gbs: float, sweep: bool):
                 "expert_layer per layer +pdl": (per_layer, ExpertLayerLaunch(pdl=True)),
                 "expert_layer per layer, non-coop +pdl": (per_layer, ExpertLayerLaunch(pdl=True, cooperative=False)),
                 "expert_layers, one launch": (one_launch, ExpertLayerLaunch())}
+    # the alternatives of this kernel (ExpertLayerLaunch), each against the defaults
+    variants.update({
+        "one launch, old settings (sc fences, no prefetch, 1 merge lane)": (
+            one_launch, ExpertLayerLaunch(sc_fences=True, prefetch=False, merge_lanes=1)),
+        "one launch, sc fences": (one_launch, ExpertLayerLaunch(sc_fences=True)),
+        "one launch, no prefetch": (one_launch, ExpertLayerLaunch(prefetch=False)),
+        "one launch, merge lanes 1": (one_launch, ExpertLayerLaunch(merge_lanes=1)),
+        "one launch, merge lanes 2": (one_launch, ExpertLayerLaunch(merge_lanes=2)),
+        "one launch, merge lanes 8": (one_launch, ExpertLayerLaunch(merge_lanes=8)),
+        "one launch, ring 5 x 1": (one_launch, ExpertLayerLaunch(ring_slots=5, in_flight=1)),
+        "one launch, ring 3 x 1": (one_launch, ExpertLayerLaunch(ring_slots=3, in_flight=1)),
+        "one launch, ring 3 x 2": (one_launch, ExpertLayerLaunch(ring_slots=3, in_flight=2)),
+    })
     if sweep:
         for slots in (3, 4, 5):
             for in_flight in (2, 3, 5):
@@ -408,7 +434,9 @@ def bench_expert_layer(table: Table, layers: int, copy_gbs: float, sweep: bool):
 
     for label, run, trace in (
             ("per layer +pdl", traced_per_layer, lambda: per_layer_trace.view(layers, grid, -1).transpose(0, 1)),
-            ("one launch", one_launch(ExpertLayerLaunch(trace=one_launch_trace)), lambda: one_launch_trace)):
+            ("one launch", one_launch(ExpertLayerLaunch(trace=one_launch_trace)), lambda: one_launch_trace),
+            ("one launch, old settings", one_launch(ExpertLayerLaunch(
+                sc_fences=True, prefetch=False, merge_lanes=1, trace=one_launch_trace)), lambda: one_launch_trace)):
         try:
             us = graph_time_us(run, layers, replays=5, trials=5)
         except (RuntimeError, ValueError) as exc:

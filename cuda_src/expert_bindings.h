@@ -120,7 +120,8 @@ inline void bind_expert_kernels(pybind11::module_& m) {
             uintptr_t sin, int64_t max_pos, uintptr_t positions, uintptr_t cache_offset, int64_t cache_rows,
             uintptr_t key_bias, int64_t keys, double q_scale, double attn_scale, uintptr_t workspace,
             int64_t workspace_bytes, bool stop_after_kv, int ring_slots, int in_flight, int attn_chunk, int grid,
-            bool pdl, bool cooperative, uintptr_t trace, int64_t trace_len, uintptr_t stream) {
+            bool pdl, bool cooperative, int merge_lanes, bool sc_fences, bool prefetch, uintptr_t trace,
+            int64_t trace_len, uintptr_t stream) {
         constexpr size_t kPerLayer = 12;
         if (layers.empty() || layers.size() % kPerLayer != 0)
           throw py::value_error("flashrt kernel expert_layer: layers must hold 12 pointers per layer");
@@ -172,6 +173,9 @@ inline void bind_expert_kernels(pybind11::module_& m) {
         a.grid = grid;
         a.pdl = pdl;
         a.cooperative = cooperative;
+        a.merge_lanes = merge_lanes;
+        a.sc_fences = sc_fences;
+        a.prefetch = prefetch;
         a.trace = static_cast<long long*>(ptr(trace));
         a.trace_len = trace_len;
         flashrt::expert::expert_layer(a, ptr(stream));
@@ -181,7 +185,8 @@ inline void bind_expert_kernels(pybind11::module_& m) {
       py::arg("sin"), py::arg("max_pos"), py::arg("positions"), py::arg("cache_offset"), py::arg("cache_rows"),
       py::arg("key_bias"), py::arg("keys"), py::arg("q_scale"), py::arg("attn_scale"), py::arg("workspace"),
       py::arg("workspace_bytes"), py::arg("stop_after_kv"), py::arg("ring_slots"), py::arg("in_flight"),
-      py::arg("attn_chunk"), py::arg("grid"), py::arg("pdl"), py::arg("cooperative"), py::arg("trace"),
+      py::arg("attn_chunk"), py::arg("grid"), py::arg("pdl"), py::arg("cooperative"), py::arg("merge_lanes"),
+      py::arg("sc_fences"), py::arg("prefetch"), py::arg("trace"),
       py::arg("trace_len"), py::arg("stream"));
 
   m.def("expert_layer_workspace_bytes", &flashrt::expert::expert_layer_workspace_bytes, py::kw_only(), py::arg("m"),

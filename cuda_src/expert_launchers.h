@@ -152,8 +152,18 @@ struct ExpertLayerArgs {
   int ring_slots = 0, in_flight = 0, attn_chunk = 0, grid = 0;
   bool pdl = false;
   bool cooperative = true;
-  // Profiling: when set, thread 0 of each block stores clock64 at each phase boundary and
-  // the cycles spent waiting for weights per phase ([grid][layers][16] int64).
+  // Threads merging one attention output quad (1, 2, 4 or 8; 0 = 4): more lanes, fewer
+  // dependent L2 round trips; the merge order (the last bits) depends on it.
+  int merge_lanes = 0;
+  // Grid barrier and split-K counters behind full __threadfence()s (else release /
+  // acquire atomics and loads: the same order, fewer waits). Bit-identical either way.
+  bool sc_fences = false;
+  // Norm vectors, gates and key bias of every layer into L2 at the start (evict-last), K /
+  // V a layer ahead (else K / V at the layer's start only). Bit-identical either way.
+  bool prefetch = true;
+  // Profiling: when set, thread 0 of each block stores clock64 at each phase boundary, the
+  // cycles spent waiting for weights per phase, and clock64 when each GEMV phase had x
+  // staged and had consumed its items ([grid][layers][24] int64).
   long long* trace = nullptr;
   int64_t trace_len = 0;
 };

@@ -29,6 +29,15 @@
 // fp32 partials; the last slice to arrive at a tile's counter adds them in slice order
 // (deterministic) and updates the residual.
 //
+// Latency. Between barriers a phase moves little data, so its time is its chain of
+// dependent memory round trips, each slower while the weight stream fills the memory
+// queues. Hence: every small input that is not produced in the launch (norm vectors,
+// gates, key bias) goes to L2 at the start and K / V a layer ahead; RoPE's cos / sin go
+// to L1 before the item's MMA; a split-K epilogue loads res, gates and partials in one
+// round; the barrier and split-K counters use release / acquire atomics instead of full
+// fences; the merge spreads a quad's key chunks over several lanes. The alternatives
+// (ExpertLayerArgs sc_fences, prefetch, merge_lanes) stay selectable for measurement.
+//
 // Data written inside the launch (res, q, attention, activations, partials, the cache
 // rows) is read through L2 only (ld.cg / cp.async.cg): L1 is not coherent across SMs.
 #include <cuda_bf16.h>
@@ -70,14 +79,17 @@ constexpr float kLog2e = 1.4426950408889634f;
 enum Phase : int { kQkv = 0, kOProj = 1, kGateUp = 2, kDown = 3, kPhases = 4 };
 
 // Trace events of a layer (bench/expert_kernels_bench.py reads them): clock64 at the
-// start and after each phase / barrier, then the cycles each GEMV phase spent waiting
-// for weights.
+// start and after each phase / barrier; the cycles each GEMV phase spent waiting for
+// weights; clock64 when each GEMV phase had its first x staged and when it had consumed
+// its items (before the split-K tail). All as seen by thread 0.
 enum TraceEvent : int {
   kTraceStart = 0,
   kTraceQkv, kTraceBarrier1, kTraceAttention, kTraceBarrier2, kTraceMerge, kTraceBarrier3,
   kTraceOProj, kTraceBarrier4, kTraceGateUp, kTraceBarrier5, kTraceDown,
-  kTraceWeightWait,  // + phase
-  kTraceEvents = kTraceWeightWait + kPhases
+  kTraceWeightWait,                 // + phase
+  kTraceStaged = kTraceWeightWait + kPhases,  // + phase
+  kTraceItemsDone = kTraceStaged + kPhases,   // + phase
+  kTraceEvents = kTraceItemsDone + kPhases
 };
 
 struct LayerWeights {
@@ -112,6 +124,9 @@ struct LayerParams {
   float scale_log2;
   int attn_rows, attn_row_blocks, attn_chunk, attn_splits, attn_units;
   int slots, in_flight;
+  int merge_lanes;  // threads merging one attention output quad (power of two, <= 8)
+  int sc_fences;    // grid barrier / split-K counters behind __threadfence (else release / acquire)
+  int prefetch;     // norm vectors, gates and key bias into L2 at the start, K / V a layer ahead
   // workspace
   unsigned* barrier;
   unsigned* counters;  // [2][hidden / 16]: o_proj, down
@@ -142,8 +157,8 @@ struct AttnSmem {  // offsets in the scratch area during the attention phase
 constexpr int kRedBytes = 2 * kWarps * 2 * 32 * 16;  // warp sums, double-buffered, up to 2 token tiles
 constexpr int kScratchBytes = AttnSmem::kBytes > kRedBytes ? AttnSmem::kBytes : kRedBytes;
 constexpr int kBarrierBytes = 128;                         // full[kMaxSlots], empty[kMaxSlots]
-// norm partial sums, last-slice flags, norm weight and shift
-constexpr int kMiscBytes = 4 * kWarps * kMaxM + 4 * 32 + 2 * 4 * kHidden;
+// norm partial sums, last-slice flags, norm weight and shift, token positions
+constexpr int kMiscBytes = 4 * kWarps * kMaxM + 4 * 32 + 2 * 4 * kHidden + 4 * kMaxM;
 
 size_t smem_bytes(int slots) {
   return static_cast<size_t>(slots) * kSlotBytes + kBarrierBytes + kScratchBytes + kMiscBytes;
@@ -224,22 +239,55 @@ __device__ __forceinline__ float ldcg_bf16(const __nv_bfloat16* p) {
 
 __device__ __forceinline__ void store_bf16(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
+__device__ __forceinline__ unsigned atomic_add_release(unsigned* p, unsigned v) {
+  unsigned old;
+  asm volatile("atom.add.release.gpu.global.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
+
+__device__ __forceinline__ unsigned atomic_add_acq_rel(unsigned* p, unsigned v) {
+  unsigned old;
+  asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
+
+__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// The 128-byte lines of [p, p + bytes) into L2, kept ahead of the evict-first weights;
+// threads `rank` of `ranks` share the lines.
+__device__ __forceinline__ void prefetch_l2_lines(const void* p, int64_t bytes, int rank, int ranks) {
+  if (p == nullptr) return;
+  const auto* base = static_cast<const uint8_t*>(p);
+  for (int64_t at = static_cast<int64_t>(rank) * 128; at < bytes; at += static_cast<int64_t>(ranks) * 128)
+    asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(base + at));
+}
+
 // Grid-wide barrier on a counter that is never reset: block 0 adds 2^31 - (G - 1), the
 // others 1, so bit 31 flips exactly when all G blocks have arrived and the low bits end
-// where they started (the workspace starts at zero).
-__device__ __forceinline__ void grid_barrier(unsigned* counter) {
+// where they started (the workspace starts at zero). The consumer_sync before thread 0's
+// release (or full fence) orders every consumer's writes before the arrival; thread 0's
+// acquire (or fence) and the consumer_sync after order every later read after all
+// arrivals. The hang check reads the global timer every 64 polls only: it sits in the
+// latency of the last arrival's propagation.
+__device__ __noinline__ void grid_barrier(const LayerParams& p) {
   consumer_sync();
   if (threadIdx.x == 0) {
     const unsigned add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
-    __threadfence();
-    const unsigned old = atomicAdd(counter, add);
+    unsigned old;
+    if (p.sc_fences) {
+      __threadfence();
+      old = atomicAdd(p.barrier, add);
+    } else {
+      old = atomic_add_release(p.barrier, add);
+    }
     const unsigned long long start = global_ns();
-    unsigned now;
-    do {
-      asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(now) : "l"(counter) : "memory");
-      if (global_ns() - start > kHangNs) __trap();
-    } while (((now ^ old) & 0x80000000u) == 0);
-    __threadfence();
+    for (unsigned polls = 1; ((load_acquire(p.barrier) ^ old) & 0x80000000u) == 0; ++polls)
+      if (polls % 64 == 0 && global_ns() - start > kHangNs) __trap();
+    if (p.sc_fences) __threadfence();
   }
   consumer_sync();
 }
@@ -317,6 +365,7 @@ struct Consumer {
   float* norm_part;  // [kWarps][kMaxM]
   float* norm_vec;   // [2][kHidden]: norm weight, shift
   int* flags;        // [32]
+  int* positions;    // [kMaxM]: token positions (read once per launch)
   int item;          // items consumed so far (ring position)
   int red_buf;
 };
@@ -419,9 +468,36 @@ struct ItemPos {
   __device__ explicit ItemPos(int item) : g((item & 31) >> 2), t0(8 * (item >> 5) + 2 * (item & 3)) {}
 };
 
+// Where this epilogue thread's cos / sin live (dim d of the tile, tokens t0, t0 + 1; -1:
+// a token past M or a position outside [0, max_pos), which rotates by NaN).
+struct RopeRows {
+  int64_t at[2];
+  __device__ RopeRows(const LayerParams& p, const int* positions, int tile, int item) {
+    const ItemPos ip(item);
+    const int d = (tile % (kHeadDim / kTileRows)) * 8 + ip.g;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int t = ip.t0 + u;
+      const int pos = t < p.m ? positions[t] : -1;
+      at[u] = pos >= 0 && pos < p.max_pos ? static_cast<int64_t>(pos) * (kHeadDim / 2) + d : -1;
+    }
+  }
+};
+
+// The item's cos / sin into L1 ahead of its epilogue (issued before the MMA: no
+// registers held across it, and the epilogue's loads do not wait on L2).
+__device__ __forceinline__ void prefetch_rope(const LayerParams& p, const RopeRows& rows) {
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    if (rows.at[u] < 0) continue;
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(p.cos + rows.at[u]));
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(p.sin + rows.at[u]));
+  }
+}
+
 // RoPE'd q -> q workspace (times q_scale); RoPE'd k and v -> cache rows cache_offset + t.
 __device__ __forceinline__ void qkv_epilogue(const LayerParams& p, const LayerWeights& lw, int tile, int item, float4 v,
-                             int cache_offset) {
+                                             const RopeRows& rows, int cache_offset) {
   const ItemPos ip(item);
   constexpr int kTilesPerHead = kHeadDim / kTileRows;
   constexpr int kHalf = kHeadDim / 2;
@@ -435,10 +511,8 @@ __device__ __forceinline__ void qkv_epilogue(const LayerParams& p, const LayerWe
     const int t = ip.t0 + u;
     if (t >= p.m) continue;
     if (rotate) {
-      const int pos = p.positions[t];
-      const bool ok = pos >= 0 && pos < p.max_pos;
-      const float cs = ok ? p.cos[static_cast<int64_t>(pos) * kHalf + d] : NAN;
-      const float sn = ok ? p.sin[static_cast<int64_t>(pos) * kHalf + d] : NAN;
+      const float cs = rows.at[u] >= 0 ? __ldg(p.cos + rows.at[u]) : NAN;
+      const float sn = rows.at[u] >= 0 ? __ldg(p.sin + rows.at[u]) : NAN;
       const float ra = rope_first(a[u], b[u], cs, sn);
       const float rb = rope_second(a[u], b[u], cs, sn);
       a[u] = ra;
@@ -470,33 +544,90 @@ __device__ __forceinline__ void gelu_epilogue(const LayerParams& p, int tile, in
   }
 }
 
-// res[t, n] = bf16(res + gate[n] * acc) for rows na, nb (every load before the stores).
-__device__ __forceinline__ void residual_epilogue(const LayerParams& p, const float* gate, int tile, int item, float4 v) {
+// What a residual epilogue reads besides the sums: res at rows na = 16 tile + g and
+// nb = na + 8 for tokens t0, t0 + 1, and the gates of na, nb (loaded together, before
+// the sums are, so that they cost no round trip of their own).
+struct ResidualIn {
+  float ra[2], rb[2], ga, gb;
+};
+
+__device__ __forceinline__ ResidualIn load_residual(const LayerParams& p, const float* gate, int tile, int item) {
   const ItemPos ip(item);
   const int na = tile * kTileRows + ip.g;
   const int nb = na + 8;
-  const float ga = gate != nullptr ? gate[na] : 1.f;
-  const float gb = gate != nullptr ? gate[nb] : 1.f;
-  const float a[2] = {v.x, v.y}, b[2] = {v.z, v.w};
-  float ra[2] = {0.f, 0.f}, rb[2] = {0.f, 0.f};
+  ResidualIn in;
+  in.ga = gate != nullptr ? __ldg(gate + na) : 1.f;
+  in.gb = gate != nullptr ? __ldg(gate + nb) : 1.f;
 #pragma unroll
   for (int u = 0; u < 2; ++u) {
     const int t = ip.t0 + u;
-    if (t >= p.m) continue;
-    ra[u] = ldcg_bf16(p.res + t * kHidden + na);
-    rb[u] = ldcg_bf16(p.res + t * kHidden + nb);
+    in.ra[u] = t < p.m ? ldcg_bf16(p.res + t * kHidden + na) : 0.f;
+    in.rb[u] = t < p.m ? ldcg_bf16(p.res + t * kHidden + nb) : 0.f;
   }
+  return in;
+}
+
+// res[t, n] = bf16(res + gate[n] * acc) for rows na, nb.
+__device__ __forceinline__ void residual_epilogue(const LayerParams& p, const ResidualIn& in, int tile, int item,
+                                                  float4 v) {
+  const ItemPos ip(item);
+  const int na = tile * kTileRows + ip.g;
+  const int nb = na + 8;
+  const float a[2] = {v.x, v.y}, b[2] = {v.z, v.w};
 #pragma unroll
   for (int u = 0; u < 2; ++u) {
     const int t = ip.t0 + u;
     if (t >= p.m) continue;
-    store_bf16(p.res + t * kHidden + na, ra[u] + ga * a[u]);
-    store_bf16(p.res + t * kHidden + nb, rb[u] + gb * b[u]);
+    store_bf16(p.res + t * kHidden + na, in.ra[u] + in.ga * a[u]);
+    store_bf16(p.res + t * kHidden + nb, in.rb[u] + in.gb * b[u]);
   }
 }
 
 __device__ __forceinline__ float4 add4(float4 a, float4 b) {
   return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+}
+
+// Split K: the last slice of a tile to arrive adds the partials in slice order. The
+// arrival releases this block's partials (ordered before it by the consumer_sync) and
+// acquires the other slices' (read after the next consumer_sync).
+template <int kMT>
+__device__ __noinline__ void split_k_tail(const LayerParams& p, Consumer& cs, int layer, int phase) {
+  constexpr int kItems = kMT * 32;
+  const int tid = threadIdx.x;
+  const int slices = p.slices[phase];
+  const int64_t base = static_cast<int64_t>(layer) * p.layer_items + p.first[phase];
+  const int64_t end = base + p.items[phase];
+  const int64_t first = first_owned(p, layer, phase);
+  const float* gate = p.layer[layer].gate[phase == kOProj ? 0 : 1];
+  consumer_sync();  // this block's partials are written
+  unsigned* counters = p.counters + (phase == kOProj ? 0 : kHidden / kTileRows);
+  const int owned = first < end ? static_cast<int>((end - 1 - first) / gridDim.x) + 1 : 0;
+  if (tid < owned) {
+    const int tile = static_cast<int>(first + static_cast<int64_t>(tid) * gridDim.x - base) / slices;
+    unsigned arrived;
+    if (p.sc_fences) {
+      __threadfence();
+      arrived = atomicAdd(&counters[tile], 1u);
+    } else {
+      arrived = atomic_add_acq_rel(&counters[tile], 1u);
+    }
+    const bool last = arrived == static_cast<unsigned>(slices - 1);
+    if (last) atomicExch(&counters[tile], 0u);  // ready for the next layer
+    if (p.sc_fences) __threadfence();
+    cs.flags[tid] = last ? tile : -1;
+  }
+  consumer_sync();
+  for (int f = 0; f < owned; ++f) {
+    const int tile = cs.flags[f];
+    if (tile < 0 || tid >= kItems) continue;
+    const ResidualIn in = load_residual(p, gate, tile, tid);
+    const float4* part = p.partial + static_cast<int64_t>(tile) * slices * kPartItems + tid;
+    float4 v = __ldcg(part);
+#pragma unroll 4
+    for (int s = 1; s < slices; ++s) v = add4(v, __ldcg(part + s * kPartItems));
+    residual_epilogue(p, in, tile, tid, v);
+  }
+  // flags are rewritten only after the next grid barrier
 }
 
 // One GEMV phase of one layer: this block's items, in ring order.
@@ -510,10 +641,12 @@ __device__ __noinline__ void gemv_phase(const LayerParams& p, Consumer& cs, int 
   const int64_t first = first_owned(p, layer, phase);
   constexpr int kItems = kMT * 32;
   const int cache_offset = phase == kQkv ? *p.cache_offset : 0;
+  const float* gate = phase == kOProj ? lw.gate[0] : lw.gate[1];
 
   XFrag<kMT> x;
   int staged = -1;
   long long waited = 0;
+  if (first >= end) stamp(p, layer, kTraceStaged + phase, clock64());
   for (int64_t i = first; i < end; i += gridDim.x) {
     const int j = static_cast<int>(i - base);
     const int tile = j / slices;
@@ -532,8 +665,10 @@ __device__ __noinline__ void gemv_phase(const LayerParams& p, Consumer& cs, int 
           break;
         default: stage_x<kMT>(p, cs, p.h, p.mlp, slice * kHidden, nullptr, nullptr, x); break;
       }
+      if (staged < 0) stamp(p, layer, kTraceStaged + phase, clock64());
       staged = slice;
     }
+    if (tid < kItems && phase == kQkv) prefetch_rope(p, RopeRows(p, cs.positions, tile, tid));
     const int slot = cs.item % p.slots;
     const long long wait_start = clock64();
     mbar_wait(&cs.full[slot], (cs.item / p.slots) & 1);
@@ -555,40 +690,20 @@ __device__ __noinline__ void gemv_phase(const LayerParams& p, Consumer& cs, int 
       if (slices > 1) {
         p.partial[(static_cast<int64_t>(tile) * slices + slice) * kPartItems + tid] = v;
       } else if (phase == kQkv) {
-        qkv_epilogue(p, lw, tile, tid, v, cache_offset);
+        qkv_epilogue(p, lw, tile, tid, v, RopeRows(p, cs.positions, tile, tid), cache_offset);
       } else if (phase == kGateUp) {
         gelu_epilogue(p, tile, tid, v);
       } else {
-        residual_epilogue(p, lw.gate[phase == kOProj ? 0 : 1], tile, tid, v);
+        residual_epilogue(p, load_residual(p, gate, tile, tid), tile, tid, v);
       }
     }
     cs.red_buf ^= 1;  // the other buffer was last read before this item's barrier
   }
   stamp(p, layer, kTraceWeightWait + phase, waited);
+  stamp(p, layer, kTraceItemsDone + phase, clock64());
   if (slices == 1 || phase == kQkv || phase == kGateUp) return;
 
-  // Split K: the last slice of a tile to arrive adds the partials in slice order.
-  consumer_sync();  // this block's partials are written
-  unsigned* counters = p.counters + (phase == kOProj ? 0 : kHidden / kTileRows);
-  const int owned = first < end ? static_cast<int>((end - 1 - first) / gridDim.x) + 1 : 0;
-  if (tid < owned) {
-    const int tile = static_cast<int>(first + static_cast<int64_t>(tid) * gridDim.x - base) / slices;
-    __threadfence();
-    const unsigned arrived = atomicAdd(&counters[tile], 1u);
-    const bool last = arrived == static_cast<unsigned>(slices - 1);
-    if (last) atomicExch(&counters[tile], 0u);  // ready for the next layer
-    __threadfence();
-    cs.flags[tid] = last ? tile : -1;
-  }
-  consumer_sync();
-  for (int f = 0; f < owned; ++f) {
-    const int tile = cs.flags[f];
-    if (tile < 0 || tid >= kItems) continue;
-    float4 v = __ldcg(&p.partial[static_cast<int64_t>(tile) * slices * kPartItems + tid]);
-    for (int s = 1; s < slices; ++s)
-      v = add4(v, __ldcg(&p.partial[(static_cast<int64_t>(tile) * slices + s) * kPartItems + tid]));
-    residual_epilogue(p, lw.gate[phase == kOProj ? 0 : 1], tile, tid, v);
-  }
+  split_k_tail<kMT>(p, cs, layer, phase);
   // flags are rewritten only after the next grid barrier
 }
 
@@ -740,54 +855,88 @@ __device__ __noinline__ void attention_unit(const LayerParams& p, const LayerWei
   consumer_sync();  // row statistics are reset by the next unit
 }
 
+// Online-softmax state of one output quad: running max (log2 units), sum, output.
+struct MergeState {
+  float mx = -INFINITY, sum = 0.f;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+
+  // Folds in a part with max m, sum s and output o; a part with every key masked
+  // (m = -inf) is skipped.
+  __device__ __forceinline__ void add(float m, float s, float4 o) {
+    if (m == -INFINITY) return;
+    float w_old = 1.f, w_new = 1.f;
+    if (m > mx) {
+      w_old = mx == -INFINITY ? 0.f : exp2f(mx - m);
+      mx = m;
+    } else {
+      w_new = exp2f(m - mx);
+    }
+    sum = sum * w_old + s * w_new;
+    acc.x = acc.x * w_old + o.x * w_new;
+    acc.y = acc.y * w_old + o.y * w_new;
+    acc.z = acc.z * w_old + o.z * w_new;
+    acc.w = acc.w * w_old + o.w * w_new;
+  }
+};
+
 // Attention output [M, Hq * D] bf16 from the units' partials: per (token, head, 4
-// columns), the key chunks merged in chunk order; a row with every key masked is zero.
+// columns), `merge_lanes` adjacent threads each fold key chunks lane, lane + lanes, ...
+// in order (loads of up to 8 chunks issued together), then the lanes' states meet in a
+// fixed shuffle tree; a row with every key masked is zero. The order depends on
+// merge_lanes only, not on the grid.
 __device__ __noinline__ void merge_phase(const LayerParams& p) {
+  constexpr int kBatch = 8;
+  const int lanes = p.merge_lanes;
+  const int lane = threadIdx.x & (lanes - 1);
+  const int groups = kConsumers / lanes;  // quads per block and round
   const int quads = kHeadDim / 4;
   const int total = p.m * p.num_q_heads * quads;
-  for (int e = blockIdx.x + gridDim.x * threadIdx.x; e < total; e += gridDim.x * kConsumers) {
+  for (int round = blockIdx.x * groups; round < total; round += gridDim.x * groups) {
+    const int e = round + threadIdx.x / lanes;
+    MergeState st;
+    if (e < total) {
+      const int t = e / (p.num_q_heads * quads);
+      const int head = (e / quads) % p.num_q_heads;
+      const int d = (e % quads) * 4;
+      const int kv_head = head / p.group;
+      const int r = t * p.group + head % p.group;
+      const int unit0 = (kv_head * p.attn_row_blocks + r / kTileRows) * p.attn_splits;
+      const int rr = r % kTileRows;
+      for (int s0 = lane; s0 < p.attn_splits; s0 += kBatch * lanes) {
+        float2 ml[kBatch];
+        float4 ov[kBatch];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          if (s0 + b * lanes >= p.attn_splits) break;
+          const int64_t row = static_cast<int64_t>(unit0 + s0 + b * lanes) * kTileRows + rr;
+          ml[b] = __ldcg(&p.attn_ml[row]);
+          ov[b] = __ldcg(reinterpret_cast<const float4*>(p.attn_o + row * kHeadDim + d));
+        }
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          if (s0 + b * lanes >= p.attn_splits) break;
+          st.add(ml[b].x, ml[b].y, ov[b]);
+        }
+      }
+    }
+    for (int offset = 1; offset < lanes; offset <<= 1) {
+      const float m = __shfl_xor_sync(0xffffffffu, st.mx, offset);
+      const float s = __shfl_xor_sync(0xffffffffu, st.sum, offset);
+      float4 o;
+      o.x = __shfl_xor_sync(0xffffffffu, st.acc.x, offset);
+      o.y = __shfl_xor_sync(0xffffffffu, st.acc.y, offset);
+      o.z = __shfl_xor_sync(0xffffffffu, st.acc.z, offset);
+      o.w = __shfl_xor_sync(0xffffffffu, st.acc.w, offset);
+      if ((lane & offset) == 0) st.add(m, s, o);
+    }
+    if (e >= total || lane != 0) continue;
     const int t = e / (p.num_q_heads * quads);
     const int head = (e / quads) % p.num_q_heads;
     const int d = (e % quads) * 4;
-    const int kv_head = head / p.group;
-    const int r = t * p.group + head % p.group;
-    const int unit0 = (kv_head * p.attn_row_blocks + r / kTileRows) * p.attn_splits;
-    const int rr = r % kTileRows;
-    float mx = -INFINITY, sum = 0.f;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    constexpr int kBatch = 4;
-    for (int s0 = 0; s0 < p.attn_splits; s0 += kBatch) {
-      float2 ml[kBatch];
-      float4 ov[kBatch];
-#pragma unroll
-      for (int b = 0; b < kBatch; ++b) {
-        if (s0 + b >= p.attn_splits) break;
-        const int64_t row = static_cast<int64_t>(unit0 + s0 + b) * kTileRows + rr;
-        ml[b] = __ldcg(&p.attn_ml[row]);
-        ov[b] = __ldcg(reinterpret_cast<const float4*>(p.attn_o + row * kHeadDim + d));
-      }
-#pragma unroll
-      for (int b = 0; b < kBatch; ++b) {
-        if (s0 + b >= p.attn_splits) break;
-        if (ml[b].x == -INFINITY) continue;
-        float w_old = 1.f, w_new = 1.f;
-        if (ml[b].x > mx) {
-          w_old = mx == -INFINITY ? 0.f : exp2f(mx - ml[b].x);
-          mx = ml[b].x;
-        } else {
-          w_new = exp2f(ml[b].x - mx);
-        }
-        sum = sum * w_old + ml[b].y * w_new;
-        acc.x = acc.x * w_old + ov[b].x * w_new;
-        acc.y = acc.y * w_old + ov[b].y * w_new;
-        acc.z = acc.z * w_old + ov[b].z * w_new;
-        acc.w = acc.w * w_old + ov[b].w * w_new;
-      }
-    }
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const float inv = st.sum > 0.f ? 1.f / st.sum : 0.f;
     uint2 packed;
-    packed.x = pack_bf16x2(acc.x * inv, acc.y * inv);
-    packed.y = pack_bf16x2(acc.z * inv, acc.w * inv);
+    packed.x = pack_bf16x2(st.acc.x * inv, st.acc.y * inv);
+    packed.y = pack_bf16x2(st.acc.z * inv, st.acc.w * inv);
     *reinterpret_cast<uint2*>(p.attn + (static_cast<int64_t>(t) * p.num_q_heads + head) * kHeadDim + d) = packed;
   }
 }
@@ -802,6 +951,38 @@ __device__ __forceinline__ void prefetch_kv(const LayerParams& p, const LayerWei
   const unsigned n = static_cast<unsigned>(std::min(share, bytes - begin));
   prefetch_l2_bulk(reinterpret_cast<const uint8_t*>(lw.k_cache) + begin, n);
   prefetch_l2_bulk(reinterpret_cast<const uint8_t*>(lw.v_cache) + begin, n);
+}
+
+// K / V of `layer` at its start, or (p.prefetch) of the next layer, a layer ahead (layer
+// 0's come with prefetch_layer_inputs).
+__device__ __noinline__ void prefetch_layer_kv(const LayerParams& p, int layer) {
+  const int target = p.prefetch ? layer + 1 : layer;
+  if (target < p.layers) prefetch_kv(p, p.layer[target]);
+}
+
+// Everything of every layer that is read but not produced in the launch and is not a
+// weight into L2 now, marked evict-last (the weight stream is evict-first): norm vectors,
+// gates, key bias, and layer 0's K / V. Later phases then find them in L2 instead of
+// queueing a DRAM miss behind the weight stream on their critical path.
+__device__ __noinline__ void prefetch_layer_inputs(const LayerParams& p) {
+  constexpr int64_t kVectorBytes = kHidden * 4;
+  const int rank = blockIdx.x * kConsumers + threadIdx.x;
+  const int ranks = gridDim.x * kConsumers;
+  int at = 0;  // vectors so far: spreads their lines over all threads
+  for (int l = 0; l < p.layers; ++l) {
+    const LayerWeights& lw = p.layer[l];
+    const float* vectors[6] = {lw.norm_weight[0], lw.norm_shift[0], lw.gate[0],
+                               lw.norm_weight[1], lw.norm_shift[1], lw.gate[1]};
+    const bool kv_only = p.stop_after_kv && l == p.layers - 1;  // its post-attention pointers may be unset
+#pragma unroll
+    for (int i = 0; i < 6; ++i) {
+      const int lines = static_cast<int>(kVectorBytes / 128);
+      if (i < 3 || !kv_only) prefetch_l2_lines(vectors[i], kVectorBytes, ((rank - at * lines) % ranks + ranks) % ranks, ranks);
+      ++at;
+    }
+  }
+  if (threadIdx.x == 0) prefetch_l2_lines(p.key_bias, static_cast<int64_t>(p.keys) * 4, blockIdx.x, gridDim.x);
+  if (threadIdx.x == 0) prefetch_kv(p, p.layer[0]);
 }
 
 template <int kMT>
@@ -829,6 +1010,7 @@ __global__ void __launch_bounds__(kThreads, 1) expert_layer_kernel(const __grid_
   }
   wait_for_producer();
 
+  if (p.prefetch) prefetch_layer_inputs(p);
   Consumer cs;
   cs.ring = ring;
   cs.full = full;
@@ -837,36 +1019,39 @@ __global__ void __launch_bounds__(kThreads, 1) expert_layer_kernel(const __grid_
   cs.norm_part = misc;
   cs.flags = reinterpret_cast<int*>(misc + kWarps * kMaxM);
   cs.norm_vec = misc + kWarps * kMaxM + 32;
+  cs.positions = reinterpret_cast<int*>(cs.norm_vec + 2 * kHidden);
   cs.item = 0;
   cs.red_buf = 0;
+  if (threadIdx.x < p.m) cs.positions[threadIdx.x] = p.positions[threadIdx.x];
+  consumer_sync();
   for (int layer = 0; layer < p.layers; ++layer) {
     const LayerWeights& lw = p.layer[layer];
     stamp(p, layer, kTraceStart, clock64());
-    if (threadIdx.x == 0) prefetch_kv(p, lw);
+    if (threadIdx.x == 0) prefetch_layer_kv(p, layer);
     gemv_phase<kMT>(p, cs, layer, kQkv);
     stamp(p, layer, kTraceQkv, clock64());
     if (p.stop_after_kv && layer == p.layers - 1) break;
-    grid_barrier(p.barrier);
+    grid_barrier(p);
     stamp(p, layer, kTraceBarrier1, clock64());
     for (int unit = blockIdx.x; unit < p.attn_units; unit += gridDim.x) attention_unit(p, lw, unit, scratch);
     stamp(p, layer, kTraceAttention, clock64());
-    grid_barrier(p.barrier);
+    grid_barrier(p);
     stamp(p, layer, kTraceBarrier2, clock64());
     merge_phase(p);
     stamp(p, layer, kTraceMerge, clock64());
-    grid_barrier(p.barrier);
+    grid_barrier(p);
     stamp(p, layer, kTraceBarrier3, clock64());
     gemv_phase<kMT>(p, cs, layer, kOProj);
     stamp(p, layer, kTraceOProj, clock64());
-    grid_barrier(p.barrier);
+    grid_barrier(p);
     stamp(p, layer, kTraceBarrier4, clock64());
     gemv_phase<kMT>(p, cs, layer, kGateUp);
     stamp(p, layer, kTraceGateUp, clock64());
-    grid_barrier(p.barrier);
+    grid_barrier(p);
     stamp(p, layer, kTraceBarrier5, clock64());
     gemv_phase<kMT>(p, cs, layer, kDown);
     stamp(p, layer, kTraceDown, clock64());
-    if (layer + 1 < p.layers) grid_barrier(p.barrier);
+    if (layer + 1 < p.layers) grid_barrier(p);
   }
 #endif
 }
@@ -980,6 +1165,9 @@ void expert_layer(const ExpertLayerArgs& a, void* stream) {
   const int in_flight = a.in_flight > 0 ? std::min(a.in_flight, slots) : 3;
   const int64_t chunk = a.attn_chunk > 0 ? a.attn_chunk : kKeyTile;
   require(chunk % kKeyTile == 0, name, "attn_chunk must be a multiple of 32");
+  const int merge_lanes = a.merge_lanes > 0 ? a.merge_lanes : 4;
+  require(merge_lanes == 1 || merge_lanes == 2 || merge_lanes == 4 || merge_lanes == 8, name,
+          "merge_lanes must be 1, 2, 4 or 8");
 
   const KernelFn kernel = pick(a.m);
   const size_t smem = smem_bytes(slots);
@@ -1043,6 +1231,9 @@ void expert_layer(const ExpertLayerArgs& a, void* stream) {
   p.attn_units = static_cast<int>(attention_units(a.m, a.keys, a.num_q_heads, a.num_kv_heads, chunk));
   p.slots = slots;
   p.in_flight = in_flight;
+  p.merge_lanes = merge_lanes;
+  p.sc_fences = a.sc_fences ? 1 : 0;
+  p.prefetch = a.prefetch ? 1 : 0;
   auto* base = static_cast<uint8_t*>(a.workspace);
   p.barrier = reinterpret_cast<unsigned*>(base);
   p.counters = reinterpret_cast<unsigned*>(base + ws.counters);

@@ -10,6 +10,8 @@ Needs a CUDA device (sm_90+) and the extension built with expert_layer.cu.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -25,7 +27,12 @@ BF16 = torch.bfloat16
 HIDDEN, MLP, HEADS, KV_HEADS, HEAD_DIM = 1024, 4096, 8, 1, 256
 MASKED = -2.3819763e38  # Gemma's big negative, as the runtime's key bias holds it
 DIMS = dict(num_q_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, width=HIDDEN, mlp=MLP)
-COUNTER_BYTES = 1024  # the workspace's barrier and split-K counters (must stay zero)
+# Workspace layout (cuda_src/expert_layer.cu workspace_layout): the grid barrier counter
+# at 0 (bit 31 flips at every barrier, the low 31 bits return to zero), the split-K
+# counters in [256, 768) (all return to zero), the data regions from 768 on.
+BARRIER_BYTES = slice(0, 4)
+SPLIT_K_COUNTERS = slice(256, 768)
+DATA_START = 768
 TOL = 5e-3  # ||out - ref|| / ||ref|| of one layer (bf16 roundings, attention P in bf16)
 
 
@@ -98,7 +105,12 @@ class Step:
                     key_bias=self.key_bias, keys=self.keys, q_scale=HEAD_DIM**-0.5, attn_scale=1.0)
 
     def poison_workspace(self):
-        self.workspace[COUNTER_BYTES:] = 0xFF  # bf16 / fp32 NaN: reads of anything unwritten show
+        self.workspace[DATA_START:] = 0xFF  # bf16 / fp32 NaN: reads of anything unwritten show
+
+    def assert_counters_at_rest(self):
+        barrier = int(self.workspace[BARRIER_BYTES].view(torch.int32)) & 0x7FFFFFFF
+        assert barrier == 0, f"the grid barrier counter holds {barrier} arrivals after the launch"
+        assert not self.workspace[SPLIT_K_COUNTERS].any(), "the kernel left a split-K counter non-zero"
 
     def poison_new_rows(self, layers):
         rows = slice(self.keys - self.m, self.keys)
@@ -146,7 +158,7 @@ def test_expert_layer_matches_twin(twin, pi05, m, keys):
     assert rel_err(layer.k_cache[rows], ref_layers[0].k_cache[rows]) < TOL
     assert rel_err(layer.v_cache[rows], ref_layers[0].v_cache[rows]) < TOL
     assert torch.equal(layer.k_cache[:keys - m], prefix_k)
-    assert not step.workspace[:COUNTER_BYTES].any(), "the kernel left a counter non-zero"
+    step.assert_counters_at_rest()
 
 
 @pytest.mark.parametrize("pi05", [True, False], ids=["pi05", "pi0"])
@@ -173,11 +185,14 @@ def test_stacked_layers_and_kv_only_last_layer(twin, pi05):
 @pytest.mark.parametrize("launch", [
     ExpertLayerLaunch(ring_slots=2, in_flight=1), ExpertLayerLaunch(ring_slots=3),
     ExpertLayerLaunch(ring_slots=5, in_flight=5), ExpertLayerLaunch(grid=66), ExpertLayerLaunch(grid=101),
-    ExpertLayerLaunch(cooperative=False), ExpertLayerLaunch(pdl=True)],
-    ids=["ring2x1", "ring3", "ring5x5", "grid66", "grid101", "noncoop", "pdl"])
+    ExpertLayerLaunch(cooperative=False), ExpertLayerLaunch(pdl=True), ExpertLayerLaunch(sc_fences=True),
+    ExpertLayerLaunch(prefetch=False), ExpertLayerLaunch(grid=66, merge_lanes=4)],
+    ids=["ring2x1", "ring3", "ring5x5", "grid66", "grid101", "noncoop", "pdl", "sc_fences", "no_prefetch",
+         "grid66_lanes4"])
 def test_launch_shapes_do_not_change_a_bit(launch):
-    """Ring depth, grid size (101: K slices change within a block's items) and launch
-    attributes move work between blocks and time, never the arithmetic."""
+    """Ring depth, grid size (101: K slices change within a block's items), launch
+    attributes, fences and prefetches move work between blocks and time, never the
+    arithmetic."""
     m, keys = 10, 570
     step = Step(m, keys)
     layers = [make_layer(True, step.cache_rows) for _ in range(2)]
@@ -189,19 +204,35 @@ def test_launch_shapes_do_not_change_a_bit(launch):
     run_kernel(res, layers, step, launch=launch)
     torch.cuda.synchronize()
     assert torch.equal(res, base)
+    step.assert_counters_at_rest()
 
 
-@pytest.mark.parametrize("chunk", [64, 96])
-def test_attention_chunk_sizes(twin, chunk):
+@pytest.mark.parametrize("launch", [
+    ExpertLayerLaunch(attn_chunk=64), ExpertLayerLaunch(attn_chunk=96), ExpertLayerLaunch(merge_lanes=1),
+    ExpertLayerLaunch(merge_lanes=2), ExpertLayerLaunch(merge_lanes=8)],
+    ids=["chunk64", "chunk96", "lanes1", "lanes2", "lanes8"])
+def test_attention_splits_and_merge_orders(twin, launch):
+    """Key chunk sizes and merge orders (35 chunks at 32 keys: more than one batch of
+    loads per lane for 1 and 2 lanes) against the twin; each is stable across grids."""
     m, keys = 10, 1100
     step = Step(m, keys)
     layers = [make_layer(True, step.cache_rows)]
     x = rnd(m, HIDDEN, scale=2.0)
     ref = twin(x.clone(), clone_layers(layers), **step.kwargs())
     res = x.clone()
-    run_kernel(res, layers, step, launch=ExpertLayerLaunch(attn_chunk=chunk))
+    run_kernel(res, clone_layers(layers), step, launch=launch)
     torch.cuda.synchronize()
     assert rel_err(res, ref) < TOL
+    other_grid = x.clone()
+    run_kernel(other_grid, clone_layers(layers), step, launch=dataclasses.replace(launch, grid=101))
+    torch.cuda.synchronize()
+    assert torch.equal(other_grid, res)
+
+
+def test_bad_merge_lanes_raise():
+    step = Step(10, 300)
+    with pytest.raises(ValueError, match="merge_lanes"):
+        run_kernel(rnd(10, HIDDEN), [make_layer(True, step.cache_rows)], step, launch=ExpertLayerLaunch(merge_lanes=3))
 
 
 def test_oversized_m_takes_the_twin():

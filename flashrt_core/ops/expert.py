@@ -573,7 +573,8 @@ def expert_layers(res, layers: Sequence[ExpertLayerInputs], *, cos, sin, positio
             key_bias=key_bias.data_ptr(), keys=keys, q_scale=float(q_scale), attn_scale=float(attn_scale),
             workspace=workspace.data_ptr(), workspace_bytes=workspace.numel(), stop_after_kv=bool(stop_after_kv),
             ring_slots=launch.ring_slots, in_flight=launch.in_flight, attn_chunk=launch.attn_chunk,
-            grid=launch.grid, pdl=launch.pdl, cooperative=launch.cooperative, trace=_ptr(launch.trace),
+            grid=launch.grid, pdl=launch.pdl, cooperative=launch.cooperative, merge_lanes=launch.merge_lanes,
+            sc_fences=bool(launch.sc_fences), prefetch=bool(launch.prefetch), trace=_ptr(launch.trace),
             trace_len=0 if launch.trace is None else launch.trace.numel())
     return res
 

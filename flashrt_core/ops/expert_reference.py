@@ -107,10 +107,15 @@ class ExpertLayerLaunch:
     previous kernel drains). cooperative: launch as a cooperative kernel (the runtime
     then guarantees that every block is resident, which the grid barriers need).
     ring_slots (2..5) / in_flight: weight tiles buffered / requested ahead per block;
-    attn_chunk: keys per attention work unit (multiple of 32); grid: blocks. trace
-    (profiling): an int64 CUDA tensor of grid x layers x 16 entries that receives, per
-    block and layer, clock64 at the start and after each phase and barrier (12), then
-    the cycles each GEMV phase waited for weights (4)."""
+    attn_chunk: keys per attention work unit (multiple of 32); grid: blocks.
+    merge_lanes (1, 2, 4, 8; 0 = 4): threads merging one attention output quad (the
+    merge order, so the last bits, depend on it). sc_fences: grid barrier and split-K
+    counters behind full fences instead of release / acquire (bit-identical). prefetch:
+    norm vectors, gates and key bias into L2 at the start, K / V a layer ahead
+    (bit-identical). trace (profiling): an int64 CUDA tensor of grid x layers x 24
+    entries that receives, per block and layer, clock64 at the start and after each
+    phase and barrier (12), the cycles each GEMV phase waited for weights (4), then
+    clock64 when each GEMV phase had x staged (4) and had consumed its items (4)."""
 
     pdl: bool = False
     cooperative: bool = True
@@ -118,6 +123,9 @@ class ExpertLayerLaunch:
     in_flight: int = 0
     attn_chunk: int = 0
     grid: int = 0
+    merge_lanes: int = 0
+    sc_fences: bool = False
+    prefetch: bool = True
     trace: torch.Tensor | None = None
 
 
