@@ -382,18 +382,16 @@ def test_cuda_graph_capture_and_replay_match_eager():
     layer.res.copy_(res0)
     layer.amax.zero_()
 
-    def allocations_of_capture(fn):
-        before = torch.cuda.memory_stats()["allocation.all.allocated"]
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph, torch.cuda.memory_stats()["allocation.all.allocated"] - before
-
-    # torch allocates some per-graph state of its own in every capture: count against an
-    # empty capture.
-    _, baseline = allocations_of_capture(lambda: None)
-    graph, allocations = allocations_of_capture(layer.run)
-    assert allocations == baseline, "an op allocated inside graph capture"
+    # torch allocates capture state of its own (the generator's graph-safe seed / offset)
+    # in a capture while no other graph holds it: an empty capture, kept alive, takes that.
+    holder = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(holder):
+        pass
+    before = torch.cuda.memory_stats()["allocation.all.allocated"]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layer.run()
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] == before, "an op allocated inside graph capture"
 
     for _ in range(2):  # new inputs each replay, written into the static buffers
         for buf in (layer.x, layer.qkv, layer.gate_up):
