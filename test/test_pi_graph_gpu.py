@@ -45,6 +45,18 @@ def test_fast_path_matches_fp32_reference(full_model, precision):
         assert cosine(actual, expected) >= COSINE_GATE[precision], (view_mask, prompt_tokens)
 
 
+def test_gemm_expert_path_matches_fp32_reference(full_model):
+    """The expert on cuBLAS + elementwise kernels (the path of horizons over 16 rows, e.g.
+    Pi0's 50): Pi0's state pass and action pass run decode attention on different token
+    counts, each with its own workspace."""
+    config, weights, reference = full_model
+    fast = PiGraphRuntime.from_state_dict(config, weights, device="cuda", precision="bf16", expert_path="gemm")
+    for prompt_tokens in (20, 45):
+        obs = synthetic.random_observation(config, 2, prompt_tokens, seed=prompt_tokens)
+        for _ in range(2):  # a second call reuses every workspace
+            assert cosine(fast.sample_actions(*obs), reference.sample_actions(*obs).cpu()) >= COSINE_GATE["bf16"]
+
+
 def test_replay_equals_eager_run_and_is_deterministic(full_model):
     config, weights, _ = full_model
     fast = PiGraphRuntime.from_state_dict(config, weights, device="cuda", precision="bf16")

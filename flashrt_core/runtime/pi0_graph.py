@@ -312,8 +312,11 @@ class _Session:
         self.e_q, self.e_attn = buf(s, ec.num_heads, ec.head_dim), buf(s, ec.num_heads, ec.head_dim)
         self.e_gu, self.e_mlp = buf(s, 2 * ec.mlp_dim), buf(s, ec.mlp_dim)
         self.e_out = buf(cfg.action_horizon, ec.width, dtype=torch.float32)
-        self.attn_workspace = ops.decode_attention_workspace((s, ec.num_heads, ec.head_dim),
-                                                             (max_keys, ec.num_kv_heads, ec.head_dim), dev)
+        # decode_attention's workspace layout depends on the token count: one per token
+        # group (Pi0's state pass and its action pass must not share one).
+        self.attn_workspace = {first: ops.decode_attention_workspace(
+            (rows, ec.num_heads, ec.head_dim), (max_keys, ec.num_kv_heads, ec.head_dim), dev)
+            for first, rows in groups}
 
         self.graphs: dict[int, CapturedForward] = {}
         # prefix attention through flash-attention varlen (see PiGraphRuntime._prefix_attention)
@@ -567,7 +570,7 @@ class PiGraphRuntime:
             if step is None and i == depth - 1:
                 return  # state pass: only its K/V are read later
             ops.decode_attention(q, s.k_cache[i, :keys], s.v_cache[i, :keys], s.key_bias[:keys], scale=1.0,
-                                 out=attn, workspace=s.attn_workspace)
+                                 out=attn, workspace=s.attn_workspace[first])
             layer["o"](attn.view(rows, -1), out=o)
             norm(1, i, o, (i, 0))
             layer["gate_up"](h, out=gu)
