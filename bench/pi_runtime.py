@@ -129,7 +129,8 @@ def run(args) -> list[dict]:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-                fast = PiGraphRuntime.from_state_dict(config, weights, device=device, precision=precision)
+                fast = PiGraphRuntime.from_state_dict(config, weights, device=device, precision=precision,
+                                                      expert_path=args.expert_path)
                 if precision == "fp8":
                     fast.calibrate([synthetic.random_observation(config, max(args.views), args.prompt_tokens,
                                                                  seed=1000 + i) for i in range(4)])
@@ -141,6 +142,7 @@ def run(args) -> list[dict]:
                     replay = time_replays(graph, args.iters)
                     call = time_calls(lambda: fast.sample_actions(*obs), args.iters)
                     row = dict(model=model, horizon=horizon, views=views, precision=precision,
+                               expert_path="small_m" if fast.w.fused_expert else "gemm",
                                prompt_tokens=args.prompt_tokens, steps=config.num_steps,
                                replay_p50=statistics.median(replay), replay_p90=percentile(replay, 90),
                                call_p50=statistics.median(call), call_p90=percentile(call, 90),
@@ -169,7 +171,7 @@ def run(args) -> list[dict]:
                 if row["model"] == model and row["horizon"] == horizon and "roofline" not in row:
                     row["roofline"] = row["floor_ms"] / row["replay_p50"]
                     row["speedup_vs_eager"] = row["eager_p50"] / row["replay_p50"]
-                    print("  views {views} {precision}: replay p50 {replay_p50:.2f} p90 {replay_p90:.2f} ms | call p50 "
+                    print("  views {views} {precision} ({expert_path} expert): replay p50 {replay_p50:.2f} p90 {replay_p90:.2f} ms | call p50 "
                           "{call_p50:.2f} ms | floor {floor_ms:.2f} ms ({roofline:.0%}) | eager {eager_p50:.1f} ms "
                           "(x{speedup_vs_eager:.1f}) | peak {peak_gb:.1f} GB | cos {cos_vs_fp32:.5f}".format(**row),
                           flush=True)
@@ -190,6 +192,8 @@ def main(argv=None) -> None:
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--eager-iters", type=int, default=5)
     parser.add_argument("--breakdown", action="store_true", help="also time vision / prefix / one flow step")
+    parser.add_argument("--expert-path", default="auto", choices=["auto", "small_m", "gemm"],
+                        help="the runtime's expert path (default: its own choice by horizon)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
