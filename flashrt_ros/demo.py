@@ -14,7 +14,8 @@ and the node's own figures (flashrt_ros.diagnostics): inference latency (wall ti
 the engine's predict call) and observation -> publish (header stamp of the newest
 input to the chunk's publication, node clock). The consumer adds observation ->
 receive: the same stamp to the chunk's arrival at the robot, DDS transport included
-(both processes read the same system clock).
+(both processes read the same system clock). Percentiles are over the last 200 chunks
+(the node's diagnostics window).
 
 Everything is real ROS 2 (rclpy over DDS) and the real engine; only the robot and the
 checkpoint's weights are synthetic.
@@ -35,6 +36,7 @@ import numpy as np
 from rclpy.node import Node
 
 from flashrt_ros import launcher
+from flashrt_ros.diagnostics import RollingWindow
 from flashrt_ros.params import POLICY_NODE_NAME
 
 DEMO_CAMERAS = ["demo/camera/base/image_raw", "demo/camera/wrist/image_raw/compressed"]
@@ -139,7 +141,7 @@ class ChunkConsumer(Node):
         self._lock = threading.Lock()
         self._newest = None
         self._received = 0
-        self._receive_latency: list[float] = []
+        self._receive_latency = RollingWindow()  # the node's window size: comparable figures
         self._subscription = self.create_subscription(
             ActionChunk, f"{policy_name}/action_chunk", self._keep, 10)
         self.create_timer(1.0, self._print)
@@ -153,7 +155,7 @@ class ChunkConsumer(Node):
         with self._lock:
             self._newest = chunk
             self._received += 1
-            self._receive_latency.append((received_ns - stamp_ns) * 1e-9)
+            self._receive_latency.add((received_ns - stamp_ns) * 1e-9)
 
     def _print(self) -> None:
         active_since = self._active_since.value
@@ -176,11 +178,8 @@ class ChunkConsumer(Node):
     def results(self) -> dict:
         """Chunks received and observation -> receive percentiles [ms] (None: no chunk)."""
         with self._lock:
-            latencies = np.array(self._receive_latency)
             out = {"received": self._received}
-        for q in (50, 90, 99):
-            out[f"observation_to_receive_p{q}_ms"] = (
-                float(np.percentile(latencies, q)) * 1e3 if latencies.size else None)
+            out.update(_percentiles_ms("observation_to_receive", self._receive_latency))
         return out
 
 
@@ -238,6 +237,10 @@ def _robot_process_main(joint_names, robot_rate_hz, policy_name, connected, acti
         rclpy.try_shutdown()
 
 
+class RobotProcessError(RuntimeError):
+    """The robot's own process ended before it connected."""
+
+
 class RobotProcess:
     """The synthetic robot and the chunk consumer in a process of their own."""
 
@@ -264,7 +267,7 @@ class RobotProcess:
 
     def connected(self) -> bool:
         if not self._process.is_alive() and not self._connected.is_set():
-            raise RuntimeError(f"the robot process exited (code {self._process.exitcode})")
+            raise RobotProcessError(f"the robot process exited (code {self._process.exitcode})")
         return self._connected.is_set()
 
     def results(self) -> dict:
@@ -297,12 +300,18 @@ def results(policy, active_seconds: float, consumer: dict, robot: str) -> dict:
            "target_hz": policy.get_parameter("rate_hz").value, "skipped": dict(health.skipped),
            "robot": robot,
            "received": consumer["received"]}
-    for key, window in (("inference", health.inference_latency), ("observation_to_publish",
-                                                                     health.observation_latency)):
-        for q in (50, 90, 99):
-            value = window.percentile(q)
-            out[f"{key}_p{q}_ms"] = None if value is None else value * 1e3
+    out.update(_percentiles_ms("inference", health.inference_latency))
+    out.update(_percentiles_ms("observation_to_publish", health.observation_latency))
     out.update({k: v for k, v in consumer.items() if k.startswith("observation_to_receive")})
+    return out
+
+
+def _percentiles_ms(key: str, window: RollingWindow) -> dict:
+    """{key_p50_ms, key_p90_ms, key_p99_ms} of a window of seconds (None when empty)."""
+    out = {}
+    for q in (50, 90, 99):
+        value = window.percentile(q)
+        out[f"{key}_p{q}_ms"] = None if value is None else value * 1e3
     return out
 
 
@@ -363,8 +372,13 @@ def main(duration: float = 10.0, model: str = "pi05", checkpoint: str | None = N
                     return 1
                 # Activate once the robot's streams reach the node (a process of its own
                 # needs a moment to start), so no tick starts without inputs.
-                launcher.wait_for(stop, until=robot_side.connected, timeout=CONNECT_TIMEOUT_S)
-                if not robot_side.connected():
+                try:
+                    launcher.wait_for(stop, until=robot_side.connected, timeout=CONNECT_TIMEOUT_S)
+                    connected = robot_side.connected()
+                except RobotProcessError as error:
+                    print(f"demo failed: {error}")
+                    return 1
+                if not connected:
                     print(f"demo failed: the synthetic robot did not connect within "
                           f"{CONNECT_TIMEOUT_S:g} s")
                     return 1
