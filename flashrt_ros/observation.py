@@ -1,8 +1,9 @@
 """Newest-sample-per-stream observation buffer with staleness and skew checks.
 
-Subscription callbacks `put` raw messages (cheap, no decoding); the inference tick
-takes a `snapshot` at the node clock's "now". A snapshot is refused with a
-SkippedTick whose `reason` is the counter key diagnostics use:
+Subscription callbacks `put` what they received (the policy node converts a camera
+frame on arrival and puts a CameraFrame: the model-sized image or why there is none);
+the inference tick takes a `snapshot` at the node clock's "now". A snapshot is refused
+with a SkippedTick whose `reason` is the counter key diagnostics use:
 
     'missing <stream>'   no sample received yet on that stream
     'stale <stream>'     its newest sample is older than max_observation_age
@@ -50,7 +51,22 @@ class SkippedTick(Exception):
 @dataclass(frozen=True)
 class Sample:
     stamp_ns: int   # header stamp [ns]
-    message: Any    # the message as received
+    message: Any    # what the callback put: the message as received, or a CameraFrame
+
+
+@dataclass(frozen=True)
+class CameraFrame:
+    """A camera message converted on arrival: the RGB image at the model's size, or the
+    reason it could not be converted."""
+
+    rgb: Any = None   # HxWx3 uint8 numpy array; None when the message was bad
+    error: str = ""
+
+    def image(self, stream: str):
+        """The image, or SkippedTick('bad image <stream>') with the reason."""
+        if self.rgb is None:
+            raise SkippedTick(f"bad image {stream}", self.error)
+        return self.rgb
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,12 @@ Lifecycle: configure loads and warms the engine and creates the interfaces (outp
 inactive); activate starts the inference timer; deactivate stops it and publishes a
 hold; cleanup closes the engine; shutdown works from any state.
 
-Threading: subscriptions only store the newest message per stream; the timer tick
+Threading: subscriptions keep the newest sample per stream. A camera frame is
+converted as it arrives (decoded, made RGB, resized with pad to the model's image size:
+the engine's own resize, so the model input is the same): that host work then runs
+beside the inference in flight instead of in front of the next one, and the engine's
+resize finds nothing left to do. A frame that cannot be converted is kept as its
+reason and skips the tick that would use it ('bad image <topic>'). The timer tick
 takes the observation and hands it to the engine thread (below), returning at once,
 so inference never blocks the executor. A tick that fires while the previous
 inference still runs is skipped as 'busy', never queued. The engine is used by one
@@ -81,7 +86,7 @@ from flashrt_ros import conversions, params
 from flashrt_ros.conversions import ConversionError
 from flashrt_ros.diagnostics import PolicyHealth, diagnostic_status, gpu_memory
 from flashrt_ros.engine_faults import EngineFailures, EngineFault, describe_error
-from flashrt_ros.observation import ObservationBuffer, SkippedTick
+from flashrt_ros.observation import CameraFrame, ObservationBuffer, Sample, SkippedTick
 
 # Commands: reliable, a few deep (a late subscriber does not need old chunks).
 OUTPUT_QOS = QoSProfile(depth=5, reliability=QoSReliabilityPolicy.RELIABLE,
@@ -143,6 +148,20 @@ def parameter_value(node, name: str):
 
 def _stamp_ns(stamp) -> int:
     return stamp.sec * 1_000_000_000 + stamp.nanosec
+
+
+def camera_frame(msg, image_size: tuple[int, int]) -> CameraFrame:
+    """A camera message converted for the model (see Threading in the module docstring):
+    RGB resized with pad to `image_size` (height, width). Never raises: a message that
+    cannot be converted becomes a frame carrying the reason."""
+    from flashrt_core.images import resize_with_pad
+
+    try:
+        return CameraFrame(resize_with_pad(conversions.camera_message_to_rgb(msg), *image_size))
+    except ConversionError as error:
+        return CameraFrame(error=str(error))
+    except Exception as error:  # noqa: BLE001 - e.g. a 1-pixel-high frame resizes to nothing
+        return CameraFrame(error=describe_error(error))
 
 
 @dataclass
@@ -403,14 +422,19 @@ class PolicyNode(LifecycleNode):
         # The callbacks hold the buffer, not the engine: an executor may keep a destroyed
         # subscription (and its callback) referenced until it next wakes up.
         buffer = engine.buffer
+        image_size = tuple(engine.spec.image_size)
 
         def store(stream):
             return lambda msg: buffer.put(stream, _stamp_ns(msg.header.stamp), msg)
 
+        def store_frame(topic):
+            return lambda msg: buffer.put(topic, _stamp_ns(msg.header.stamp),
+                                          camera_frame(msg, image_size))
+
         for topic in engine.camera_topics:
             msg_type = CompressedImage if conversions.is_compressed_topic(topic) else Image
             engine.subscriptions.append(self.create_subscription(
-                msg_type, topic, store(topic), qos_profile_sensor_data,
+                msg_type, topic, store_frame(topic), qos_profile_sensor_data,
                 callback_group=self._input_group))
         engine.subscriptions.append(self.create_subscription(
             JointState, engine.joint_state_topic, store(engine.joint_state_topic),
@@ -545,7 +569,7 @@ class PolicyNode(LifecycleNode):
         try:
             samples = observation.samples
             actions, inference_s = self._infer(
-                engine, [samples[t].message for t in engine.camera_topics],
+                engine, [samples[t].message.image(t) for t in engine.camera_topics],
                 samples[engine.joint_state_topic].message, self._prompt)
             if self._active:
                 self._publish(engine, actions, observation.stamp_ns, inference_s,
@@ -557,17 +581,12 @@ class PolicyNode(LifecycleNode):
         finally:
             self._engine_lock.release()
 
-    def _infer(self, engine: _Engine, camera_messages, joint_message, prompt: str):
-        """Run the engine on raw messages; returns (clamped actions, seconds) or raises
-        SkippedTick. Runs on the engine thread; the caller holds the engine lock."""
+    def _infer(self, engine: _Engine, images, joint_message, prompt: str):
+        """Run the engine on converted images and a raw joint state; returns (clamped
+        actions, seconds) or raises SkippedTick. Runs on the engine thread; the caller
+        holds the engine lock."""
         from flashrt_core.errors import PromptError
 
-        images = []
-        for topic, msg in zip(engine.camera_topics, camera_messages):
-            try:
-                images.append(conversions.camera_message_to_rgb(msg))
-            except ConversionError as error:
-                raise SkippedTick(f"bad image {topic}", str(error)) from None
         try:
             state = conversions.joint_positions(joint_message, engine.joint_names)
         except ConversionError as error:
@@ -660,10 +679,12 @@ class PolicyNode(LifecycleNode):
                                 f"engine stopped: {fault.reason}; {fault.advice}")
             return response
         try:
-            camera_messages = self._request_images(engine, request)
+            cameras = self._request_cameras(engine, request)
+            images = [sample.message.image(topic)
+                      for topic, sample in zip(engine.camera_topics, cameras)]
             joint_message = request.joint_state
             if not joint_message.name:
-                joint_message = self._newest(engine, engine.joint_state_topic)
+                joint_message = self._newest(engine, engine.joint_state_topic).message
             prompt = request.prompt or self._prompt
             if not self._engine_lock.acquire(timeout=ENGINE_WAIT_S):
                 raise SkippedTick("busy", f"engine still busy after {ENGINE_WAIT_S:g} s")
@@ -671,7 +692,7 @@ class PolicyNode(LifecycleNode):
                 if self._engine is not engine:
                     raise SkippedTick("inference error", "engine released during the request")
                 actions, inference_s = self._on_engine_thread(
-                    self._infer, engine, camera_messages, joint_message, prompt)
+                    self._infer, engine, images, joint_message, prompt)
             finally:
                 self._engine_lock.release()
         except SkippedTick as failed:
@@ -679,14 +700,16 @@ class PolicyNode(LifecycleNode):
             response.message = str(failed)
             return response
         now_ns = self.get_clock().now().nanoseconds
-        stamp_ns = max(_stamp_ns(m.header.stamp) for m in [*camera_messages, joint_message])
+        stamp_ns = max([s.stamp_ns for s in cameras] + [_stamp_ns(joint_message.header.stamp)])
         stamp_ns = stamp_ns or now_ns  # unstamped request: observation time is now
         response.chunk = self._chunk(engine, actions, stamp_ns, inference_s,
                                      max(0.0, (now_ns - stamp_ns) * 1e-9), sequence=0)
         response.success = True
         return response
 
-    def _request_images(self, engine: _Engine, request) -> list:
+    def _request_cameras(self, engine: _Engine, request) -> list[Sample]:
+        """One sample per camera: the request's images (converted here), else the
+        newest frames the node received."""
         if request.images and request.compressed_images:
             raise SkippedTick("bad request", "give images or compressed_images, not both")
         given = list(request.images) or list(request.compressed_images)
@@ -696,14 +719,15 @@ class PolicyNode(LifecycleNode):
             raise SkippedTick(
                 "bad request", f"expected {len(engine.camera_topics)} images (one per "
                 f"camera_topics entry), got {len(given)}")
-        return given
+        return [Sample(_stamp_ns(msg.header.stamp), camera_frame(msg, engine.spec.image_size))
+                for msg in given]
 
     @staticmethod
-    def _newest(engine: _Engine, stream: str):
+    def _newest(engine: _Engine, stream: str) -> Sample:
         sample = engine.buffer.latest(stream)
         if sample is None:
             raise SkippedTick(f"missing {stream}", "no message received yet")
-        return sample.message
+        return sample
 
     # ------------------------------------------------------------------ diagnostics
 
