@@ -23,7 +23,7 @@ from typing import Any
 
 # Every reason a tick can be skipped ('<stream>' is a topic name as configured).
 SKIP_REASONS = (
-    "busy",                  # previous inference still running; ticks are never queued
+    "busy",                  # inference still running and another tick already waiting for it
     "missing <stream>",
     "stale <stream>",
     "skew",

@@ -24,7 +24,11 @@ resize finds nothing left to do. A frame that cannot be converted is kept as its
 reason and skips the tick that would use it ('bad image <topic>'). The timer tick
 takes the observation and hands it to the engine thread (below), returning at once,
 so inference never blocks the executor. A tick that fires while the previous
-inference still runs is skipped as 'busy', never queued. The engine is used by one
+inference still runs waits for it and starts the moment the engine is free, with the
+observation of that moment (a late start of a few ms, not a lost tick: timer jitter
+alone would otherwise skip ticks whenever inference takes most of the period); only a
+tick that finds another one already waiting is skipped as 'busy', so ticks never pile
+up behind a slow engine. The engine is used by one
 caller at a time (tick or ~/predict) under a lock. ~/predict waits for its inference
 on the executor thread (a one-shot, non-realtime call; ticks resume after it). Any
 executor works; flashrt_ros.launcher spins each node on its own single-threaded one.
@@ -208,6 +212,10 @@ class PolicyNode(LifecycleNode):
         self.add_post_set_parameters_callback(self._parameters_changed)
         self._engine: _Engine | None = None
         self._engine_lock = threading.Lock()
+        # A tick that found the engine busy and starts when it is released (at most one);
+        # _tick_mutex makes "engine busy -> wait" and "release -> hand over" atomic.
+        self._tick_waiting = False
+        self._tick_mutex = threading.Lock()
         # Held while /diagnostics is published, so cleanup never destroys the publisher
         # under a running diagnostics callback.
         self._diagnostics_lock = threading.Lock()
@@ -468,7 +476,7 @@ class PolicyNode(LifecycleNode):
             self._publish_hold()
         finally:
             if got_engine:
-                self._engine_lock.release()
+                self._release_engine_lock()
 
     def _publish_hold(self) -> None:
         """Hold the robot where it is: a one-point trajectory to the newest measured
@@ -541,16 +549,26 @@ class PolicyNode(LifecycleNode):
     # ------------------------------------------------------------------ inference
 
     def _on_tick(self) -> None:
-        """Timer callback: take the observation and hand it to the engine thread. It
-        returns at once, so no executor thread waits on inference (see the module
-        docstring); the engine lock stays held until the engine thread is done."""
-        if not self._engine_lock.acquire(blocking=False):
-            self._record_skip(SkippedTick("busy", "previous inference still running"))
+        """Timer callback: start a tick, or (engine busy) leave it waiting for the engine;
+        a second one while one waits is skipped as busy (see the module docstring)."""
+        with self._tick_mutex:
+            got_engine = self._engine_lock.acquire(blocking=False)
+            if not got_engine and not self._tick_waiting:
+                self._tick_waiting = True
+                return
+        if not got_engine:
+            self._record_skip(SkippedTick("busy", "previous inference still running, a tick already waiting"))
             return
+        self._start_tick()
+
+    def _start_tick(self) -> None:
+        """With the engine lock held: take the observation and hand it to the engine
+        thread, which releases the lock when done. Returns at once, so no executor thread
+        waits on inference (see the module docstring)."""
         try:
             engine = self._engine
             if engine is None or not self._active or self._fault is not None:
-                self._engine_lock.release()
+                self._release_engine_lock()
                 return
             observation = engine.buffer.snapshot(
                 self.get_clock().now().nanoseconds,
@@ -558,11 +576,20 @@ class PolicyNode(LifecycleNode):
                 parameter_value(self, "max_observation_skew"))
             self._engine_thread.submit(self._run_tick, engine, observation)
         except SkippedTick as skipped:
-            self._engine_lock.release()
+            self._release_engine_lock()
             self._record_skip(skipped)
         except BaseException:
-            self._engine_lock.release()
+            self._release_engine_lock()
             raise
+
+    def _release_engine_lock(self) -> None:
+        """Release the engine, or hand it straight to a tick that waits for it."""
+        with self._tick_mutex:
+            waiting, self._tick_waiting = self._tick_waiting, False
+            if not waiting:
+                self._engine_lock.release()
+                return
+        self._start_tick()
 
     def _run_tick(self, engine: _Engine, observation) -> None:
         """On the engine thread: inference and publishing for one tick."""
@@ -579,7 +606,7 @@ class PolicyNode(LifecycleNode):
         except Exception as error:  # noqa: BLE001 - nothing else sees this thread's errors
             self.get_logger().error(f"tick failed: {describe_error(error)}")
         finally:
-            self._engine_lock.release()
+            self._release_engine_lock()
 
     def _infer(self, engine: _Engine, images, joint_message, prompt: str):
         """Run the engine on converted images and a raw joint state; returns (clamped
@@ -694,7 +721,7 @@ class PolicyNode(LifecycleNode):
                 actions, inference_s = self._on_engine_thread(
                     self._infer, engine, images, joint_message, prompt)
             finally:
-                self._engine_lock.release()
+                self._release_engine_lock()
         except SkippedTick as failed:
             response.success = False
             response.message = str(failed)
