@@ -87,11 +87,16 @@ def compiled_archs() -> tuple[int, ...]:
     return tuple(int(a) // 10 for a in module().compiled_archs().split(",") if a.strip())
 
 
-@functools.lru_cache(maxsize=None)
-def device_supported(index: int) -> bool:
-    """Whether the kernels can run on CUDA device `index`: its compute capability is
-    compiled in, or is newer than a compiled one (PTX is embedded and JIT-compiled)."""
+def supports_capability(capability: tuple[int, int]) -> bool:
+    """Whether the kernels run on a GPU of this compute capability: it is compiled in, or
+    is newer than a compiled one (PTX is embedded and JIT-compiled)."""
     if not available():
         return False
-    major, minor = torch.cuda.get_device_capability(index)
+    major, minor = capability
     return any(arch <= major * 10 + minor for arch in compiled_archs())
+
+
+@functools.lru_cache(maxsize=None)
+def device_supported(index: int) -> bool:
+    """supports_capability() of CUDA device `index`."""
+    return available() and supports_capability(torch.cuda.get_device_capability(index))

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import kernels
 from .checkpoint import load_state_dict, read_checkpoint
 from .errors import CheckpointError, DeviceError, FlashRTError, InputError, OutOfMemoryError, StateError
 from .images import prepare_images
@@ -81,20 +82,38 @@ def graph_runtime_class():
     return PiGraphRuntime
 
 
+def _graph_unavailable_reason(device: torch.device, capability) -> str | None:
+    """Why the graph runtime cannot run on `device` (None: it can). On a GPU it needs
+    Ampere+ and the compiled kernels for that GPU: its CUDA graphs capture the kernels,
+    not their PyTorch twins."""
+    if graph_runtime_class() is None:
+        return "is not available (flashrt_core.runtime.pi0_graph does not import)"
+    if device.type != "cuda":
+        return None
+    if capability is None or capability < GRAPH_MIN_CAPABILITY:
+        where = "unknown" if capability is None else f"{capability[0]}.{capability[1]}"
+        return f"needs compute capability 8.0+, this GPU is {where}"
+    if not kernels.supports_capability(capability):
+        reason = kernels.unavailable_reason() or (
+            f"built for sm_{', sm_'.join(map(str, kernels.compiled_archs()))}, not {capability[0]}.{capability[1]}")
+        return f"needs the CUDA kernels ({reason}; scripts/build_kernels.sh builds them)"
+    return None
+
+
 def select_backend(backend: str, device: torch.device, precision: str, capability=None) -> str:
-    """"auto": the graph runtime on a GPU it supports when it is importable, else (with a
-    warning on a GPU) the reference model."""
+    """"auto": the graph runtime on a GPU it supports, else (with a warning on a GPU) the
+    reference model. "graph" on the CPU runs the same forward through the twins (tests)."""
     if backend not in ("auto", "reference", "graph"):
         raise DeviceError(f"unknown backend {backend!r}; expected auto, reference or graph")
     if backend == "auto":
-        supported = capability is not None and capability >= GRAPH_MIN_CAPABILITY
-        backend = "graph" if supported and graph_runtime_class() is not None else "reference"
+        why = _graph_unavailable_reason(device, capability) if device.type == "cuda" else "runs on the CPU"
+        backend = "graph" if why is None else "reference"
         if device.type == "cuda" and backend == "reference":
-            why = ("is not available" if supported else
-                   f"needs compute capability 8.0+, this GPU is {capability[0]}.{capability[1]}")
             log.warning("the graph runtime %s: running the (slow) reference backend on %s", why, device)
-    if backend == "graph" and graph_runtime_class() is None:
-        raise DeviceError("the graph backend (flashrt_core.runtime.pi0_graph) is not available")
+    if backend == "graph":
+        why = _graph_unavailable_reason(device, capability)
+        if why is not None:
+            raise DeviceError(f"the graph backend {why}")
     if backend == "reference" and precision not in _TORCH_DTYPES:
         raise DeviceError(f"precision {precision} needs the graph backend; the reference runs fp32 or bf16")
     return backend

@@ -214,4 +214,29 @@ def test_backend_and_precision_follow_the_gpu_generation():
         resolve_precision("fp8", torch.device("cpu"), None)
     assert select_backend("auto", cuda, "fp32", (7, 5)) == "reference"
     assert select_backend("auto", torch.device("cpu"), "fp32", None) == "reference"
-    assert select_backend("auto", cuda, "bf16", (9, 0)) == "graph"
+
+
+@pytest.mark.parametrize("kernels_built", [True, False])
+def test_graph_backend_on_a_gpu_needs_the_kernels_for_it(monkeypatch, caplog, kernels_built):
+    """Without kernels for the GPU (not built, or built for other archs) 'auto' falls back
+    to the reference with a warning naming why, and an explicit 'graph' is refused: the
+    captured graphs are made of the kernels."""
+    import torch
+
+    from flashrt_core import kernels
+    from flashrt_core.errors import DeviceError
+    from flashrt_core.policy import select_backend
+
+    monkeypatch.setattr(kernels, "supports_capability", lambda capability: kernels_built)
+    monkeypatch.setattr(kernels, "unavailable_reason", lambda: "flashrt_core._kernels is not importable")
+    cuda = torch.device("cuda")
+    with caplog.at_level("WARNING"):
+        assert select_backend("auto", cuda, "bf16", (9, 0)) == ("graph" if kernels_built else "reference")
+    if kernels_built:
+        assert select_backend("graph", cuda, "bf16", (9, 0)) == "graph"
+        assert not caplog.records
+    else:
+        assert "needs the CUDA kernels (flashrt_core._kernels is not importable" in caplog.text
+        with pytest.raises(DeviceError, match="needs the CUDA kernels"):
+            select_backend("graph", cuda, "bf16", (9, 0))
+    assert select_backend("graph", torch.device("cpu"), "fp32", None) == "graph"

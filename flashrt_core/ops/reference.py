@@ -15,6 +15,8 @@ Conventions shared with the kernels:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -187,10 +189,12 @@ def euler_step(x, v, dt):
     return x
 
 
+@functools.lru_cache(maxsize=None)
 def pixel_values(device=None) -> torch.Tensor:
     """fp32 value of each uint8 pixel: the double x / 255 * 2 - 1 rounded once to fp32.
     A table, so the result never depends on how a backend divides (torch may multiply
-    by a rounded reciprocal); the kernel computes the same double expression."""
+    by a rounded reciprocal); the kernel computes the same double expression. Made once
+    per device (read-only): a CUDA graph capture could not copy it from the host."""
     return torch.tensor([v / 255.0 * 2.0 - 1.0 for v in range(256)], dtype=torch.float64).float().to(device)
 
 
