@@ -92,20 +92,37 @@ def bring_down(node) -> None:
         node.trigger_shutdown()
 
 
-def wait_for(stop: threading.Event, until=lambda: False, timeout: float | None = None) -> None:
-    """Block until `stop` is set, `until()` is true or `timeout` seconds passed.
-    Short waits keep the main thread responsive to signals."""
+class StopRequest:
+    """Set by SIGINT / SIGTERM: a plain flag, no lock. A Python signal handler runs on the
+    main thread between bytecodes, possibly while that thread holds a threading.Event's
+    internal lock inside Event.wait(): setting the Event there would deadlock the process
+    (Ctrl-C and SIGTERM then hang it)."""
+
+    def __init__(self):
+        self._requested = False
+
+    def set(self) -> None:
+        self._requested = True
+
+    def is_set(self) -> bool:
+        return self._requested
+
+
+def wait_for(stop: StopRequest, until=lambda: False, timeout: float | None = None) -> None:
+    """Block until `stop` is set, `until()` is true or `timeout` seconds passed, polling
+    (short sleeps keep the main thread responsive to signals)."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    while not stop.wait(0.2) and not until():
+    while not stop.is_set() and not until():
         if deadline is not None and time.monotonic() >= deadline:
             return
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager
-def ros_process(args: list[str] | None = None) -> Iterator[threading.Event]:
-    """rclpy initialised with our own SIGINT/SIGTERM handling; yields the event the
+def ros_process(args: list[str] | None = None) -> Iterator[StopRequest]:
+    """rclpy initialised with our own SIGINT/SIGTERM handling; yields the stop request the
     signals set. On exit the context is shut down and the old handlers restored."""
-    stop = threading.Event()
+    stop = StopRequest()
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
