@@ -302,6 +302,8 @@ def results(policy, active_seconds: float, consumer: dict, robot: str) -> dict:
            "received": consumer["received"]}
     out.update(_percentiles_ms("inference", health.inference_latency))
     out.update(_percentiles_ms("observation_to_publish", health.observation_latency))
+    out["late_starts"] = health.late_starts  # ticks that waited for the previous inference
+    out.update(_percentiles_ms("late_start", health.late_start_delay))
     out.update({k: v for k, v in consumer.items() if k.startswith("observation_to_receive")})
     return out
 
@@ -331,6 +333,9 @@ def summary(numbers: dict) -> str:
     reasons = ", ".join(f"{reason}: {n}" for reason, n in
                         sorted(skipped.items(), key=lambda item: -item[1]))
     lines.append(f"skipped ticks: {sum(skipped.values())}" + (f" ({reasons})" if reasons else ""))
+    if numbers["late_starts"]:
+        lines.append(f"ticks started late (waited for the previous inference): {numbers['late_starts']}, "
+                     f"delay p50 {numbers['late_start_p50_ms']:.1f} ms, p99 {numbers['late_start_p99_ms']:.1f} ms")
     return "\n".join(lines)
 
 

@@ -52,6 +52,8 @@ class PolicyHealth:
         self._publish_times = collections.deque()
         self.inference_latency = RollingWindow(latency_window)
         self.observation_latency = RollingWindow(latency_window)
+        self.late_start_delay = RollingWindow(latency_window)
+        self.late_starts = 0  # ticks that waited for the previous inference to end
         self.published = 0
         self.skipped: collections.Counter = collections.Counter()
         self._skipped_since_report: collections.Counter = collections.Counter()
@@ -78,6 +80,12 @@ class PolicyHealth:
             self._publish_times.append(now)
             self.inference_latency.add(inference_s)
             self.observation_latency.add(observation_to_publish_s)
+
+    def record_late_start(self, delay_s: float) -> None:
+        """A tick fired during an inference and started `delay_s` later, when it ended."""
+        with self._lock:
+            self.late_starts += 1
+            self.late_start_delay.add(delay_s)
 
     def record_skipped(self, reason: str, detail: str = "") -> None:
         with self._lock:
@@ -114,6 +122,8 @@ class PolicyHealth:
                 "observation to publish p50 [ms]": _ms(self.observation_latency.percentile(50)),
                 "observation to publish p99 [ms]": _ms(self.observation_latency.percentile(99)),
                 "skipped ticks": str(sum(self.skipped.values())),
+                "ticks started late": str(self.late_starts),
+                "late start p99 [ms]": _ms(self.late_start_delay.percentile(99)),
             }
             for reason, count in sorted(self.skipped.items()):
                 values[f"skipped: {reason}"] = str(count)

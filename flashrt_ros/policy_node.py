@@ -215,6 +215,7 @@ class PolicyNode(LifecycleNode):
         # A tick that found the engine busy and starts when it is released (at most one);
         # _tick_mutex makes "engine busy -> wait" and "release -> hand over" atomic.
         self._tick_waiting = False
+        self._tick_waiting_since = 0.0  # time.monotonic() of the waiting tick's timer call
         self._tick_mutex = threading.Lock()
         # Held while /diagnostics is published, so cleanup never destroys the publisher
         # under a running diagnostics callback.
@@ -554,7 +555,7 @@ class PolicyNode(LifecycleNode):
         with self._tick_mutex:
             got_engine = self._engine_lock.acquire(blocking=False)
             if not got_engine and not self._tick_waiting:
-                self._tick_waiting = True
+                self._tick_waiting, self._tick_waiting_since = True, time.monotonic()
                 return
         if not got_engine:
             self._record_skip(SkippedTick("busy", "previous inference still running, a tick already waiting"))
@@ -589,6 +590,7 @@ class PolicyNode(LifecycleNode):
             if not waiting:
                 self._engine_lock.release()
                 return
+        self.health.record_late_start(time.monotonic() - self._tick_waiting_since)
         self._start_tick()
 
     def _run_tick(self, engine: _Engine, observation) -> None:

@@ -42,6 +42,7 @@ def test_demo_prints_chunks_and_a_summary(flashrt_ros_command, tiny_checkpoint, 
         assert 0 < numbers[f"{key}_p50_ms"] <= numbers[f"{key}_p99_ms"], key
     assert numbers["rate_hz"] > 0 and numbers["target_hz"] == 20.0
     assert isinstance(numbers["skipped"], dict)
+    assert numbers["late_starts"] >= 0 and (numbers["late_start_p50_ms"] is None) == (numbers["late_starts"] == 0)
 
 
 def test_robot_runs_in_its_own_process_when_the_engine_is_on_cuda():

@@ -174,6 +174,7 @@ def test_diagnostics_report_rate_latency_and_skips(make_graph):
                 "observation to publish p50 [ms]", "observation to publish p99 [ms]"):
         assert float(values[key]) > 0
     assert values["device"] == "cpu" and values["model"] == "pi05"
+    assert int(values["ticks started late"]) >= 0
     # Starve one camera: the report turns to ERROR (nothing published) and names it.
     graph.robot.paused.add(CAMERAS[0])
     assert wait_until(lambda: status_where(

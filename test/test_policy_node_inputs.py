@@ -326,13 +326,17 @@ def test_tick_during_running_inference_waits_for_it(make_graph):
             time.sleep(0.045)
         return real_predict(**kwargs)
 
-    busy_before, published_before = skips(graph, "busy"), chunks(graph)
+    health = graph.policy.health
+    busy_before, published_before, late_before = skips(graph, "busy"), chunks(graph), health.late_starts
     policy.predict = every_third_overruns
     assert wait_until(lambda: len(calls) >= 30, timeout=20)
     policy.predict = real_predict
     # The old rule (skip a tick that finds the engine busy) lost one tick per overrun: 10.
     assert skips(graph, "busy") - busy_before <= 1
     assert chunks(graph) - published_before >= 28
+    # ... which now start late instead, by less than the overrun (45 ms + an inference)
+    assert health.late_starts - late_before >= 8
+    assert 0 < health.late_start_delay.percentile(50) < 0.1
 
 
 def test_ticks_do_not_pile_up_behind_a_slow_engine(make_graph):
