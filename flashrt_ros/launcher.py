@@ -37,11 +37,18 @@ class Spinner:
     node keeps its callbacks short (inference runs on its engine thread), so one thread
     per node is enough, and a node blocked in a long transition (configure loading a
     checkpoint) does not stall the others.
+
+    Stopping: the spin threads leave their loops first, then the executors shut down.
+    (Executor.shutdown() from another thread while spin() runs can destroy the
+    executor's guard condition under the spinning thread's wait set in rclpy 7.1.)
     """
+
+    WAKE_S = 0.1  # a spin loop notices a stop request within this
 
     def __init__(self, nodes, context=None):
         self._context = context
         self._running = False
+        self._stopping = threading.Event()
         self._spinning: list[tuple[SingleThreadedExecutor, threading.Thread]] = []
         for node in nodes:
             self.add_node(node)
@@ -49,11 +56,15 @@ class Spinner:
     def add_node(self, node) -> None:
         executor = SingleThreadedExecutor(context=self._context)
         executor.add_node(node)
-        thread = threading.Thread(target=executor.spin, name=f"spin-{node.get_name()}",
+        thread = threading.Thread(target=self._spin, args=(executor,), name=f"spin-{node.get_name()}",
                                   daemon=True)
         self._spinning.append((executor, thread))
         if self._running:
             thread.start()
+
+    def _spin(self, executor: SingleThreadedExecutor) -> None:
+        while not self._stopping.is_set() and executor.context.ok():
+            executor.spin_once(timeout_sec=self.WAKE_S)
 
     def __enter__(self) -> "Spinner":
         self._running = True
@@ -62,10 +73,11 @@ class Spinner:
         return self
 
     def __exit__(self, *exc) -> None:
-        for executor, _ in self._spinning:
-            executor.shutdown()
+        self._stopping.set()
         for _, thread in self._spinning:
             thread.join(timeout=10.0)
+        for executor, _ in self._spinning:
+            executor.shutdown()
 
 
 def lifecycle_state(node) -> str:
