@@ -108,9 +108,9 @@ def select_backend(backend: str, device: torch.device, precision: str, capabilit
     if backend == "auto":
         why = _graph_unavailable_reason(device, capability) if device.type == "cuda" else "runs on the CPU"
         backend = "graph" if why is None else "reference"
-        if device.type == "cuda" and backend == "reference":
+        if device.type == "cuda" and why is not None:
             log.warning("the graph runtime %s: running the (slow) reference backend on %s", why, device)
-    if backend == "graph":
+    elif backend == "graph":
         why = _graph_unavailable_reason(device, capability)
         if why is not None:
             raise DeviceError(f"the graph backend {why}")

@@ -24,6 +24,7 @@ twins; CI checks it against PiModel there.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -228,9 +229,10 @@ class StagingBlock:
             self._device_bytes.copy_(self._host_bytes, non_blocking=True)
 
 
+@functools.lru_cache(maxsize=None)
 def flash_varlen_works(device: torch.device, head_dim: int) -> bool:
     """Whether aten's flash-attention varlen kernel (with seqused_k) runs here: tried once
-    on a tiny input and compared with plain softmax attention."""
+    per device and head_dim on a tiny input and compared with plain softmax attention."""
     try:
         packed = torch.randn(5, 4, head_dim, device=device, dtype=torch.bfloat16)  # [tokens, 2 q + k + v heads]
         q, k, v = packed[:, :2], packed[:, 2:3], packed[:, 3:]
