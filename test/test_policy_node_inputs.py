@@ -38,6 +38,16 @@ def skips(graph, reason) -> int:
     return graph.policy.health.skipped[reason]
 
 
+def publishing_policy(make_graph, parameters):
+    """An active node that publishes: (graph, its engine's policy, the policy's own
+    predict), for tests that swap predict for a failing or slow one."""
+    graph = make_graph(parameters=parameters)
+    activate(graph)
+    assert flowing(graph)
+    policy = graph.policy._engine.policy
+    return graph, policy, policy.predict
+
+
 def published_while(graph, reason, minimum_skips=5, timeout=10.0) -> int:
     """Chunks published between the first skip with `reason` and `minimum_skips` more."""
     assert wait_until(lambda: skips(graph, reason) >= 1, timeout=timeout), \
@@ -287,11 +297,7 @@ def test_engine_errors_and_non_finite_actions_are_never_published(make_graph):
     from flashrt_core.errors import OutOfMemoryError
 
     # Failing ticks in a row stop the node (test_node_engine_faults.py); here they go on.
-    graph = make_graph(parameters={"max_consecutive_engine_failures": 1000})
-    activate(graph)
-    assert flowing(graph)
-    policy = graph.policy._engine.policy
-    real_predict = policy.predict
+    graph, policy, real_predict = publishing_policy(make_graph, {"max_consecutive_engine_failures": 1000})
 
     def out_of_memory(**kwargs):
         raise OutOfMemoryError("needs 2.0 GiB, 0.1 GiB free")
@@ -313,11 +319,7 @@ def test_engine_errors_and_non_finite_actions_are_never_published(make_graph):
 
 def test_tick_during_running_inference_waits_for_it(make_graph):
     """An inference that overruns its period delays the next tick instead of losing it."""
-    graph = make_graph(parameters={"rate_hz": 20.0})
-    activate(graph)
-    assert flowing(graph)
-    policy = graph.policy._engine.policy
-    real_predict = policy.predict
+    graph, policy, real_predict = publishing_policy(make_graph, {"rate_hz": 20.0})
     calls = []
 
     def every_third_overruns(**kwargs):  # ~1.3 periods every third call, else normal
@@ -340,11 +342,7 @@ def test_tick_during_running_inference_waits_for_it(make_graph):
 
 
 def test_ticks_do_not_pile_up_behind_a_slow_engine(make_graph):
-    graph = make_graph(parameters={"rate_hz": 20.0})
-    activate(graph)
-    assert flowing(graph)
-    policy = graph.policy._engine.policy
-    real_predict = policy.predict
+    graph, policy, real_predict = publishing_policy(make_graph, {"rate_hz": 20.0})
 
     def slow(**kwargs):  # 4 tick periods
         time.sleep(0.2)
