@@ -273,7 +273,7 @@ def bench_layer_chain(table: Table, layers, copy_gbs):
                     expert.linear_qkv_rope(x, w["qkv"][0], w_scale=w["qkv"][1], norm=AdaRmsNorm(s1, sh1), cos=cos,
                                            sin=sin, positions=positions, k_cache=kc, v_cache=vc,
                                            cache_offset=offset, q_out=q, q_scale=0.0625, launch=lin)
-                    expert.decode_attention(q, kc, vc, bias=bias, scale=1.0, out=attn, launch=att)
+                    expert.decode_attention(q, kc, vc, bias=bias, scale=1.0, out=attn, launch=att, stable_keys=prefix)
                     expert.linear_gated_residual(attn.view(m, -1), w["o_proj"][0], x, gate=g1, w_scale=w["o_proj"][1],
                                                  launch=lin)
                     expert.linear_gelu_mul(x, w["gate_up"][0], w_scale=w["gate_up"][1], norm=AdaRmsNorm(s2, sh2),
@@ -377,7 +377,7 @@ def bench_expert_layer(table: Table, layers: int, copy_gbs: float, sweep: bool):
                                    k_cache=layer.k_cache, v_cache=layer.v_cache, cache_offset=offset, q_out=q,
                                    q_scale=HEAD_DIM**-0.5, launch=lin)
             expert.decode_attention(q, layer.k_cache[:keys], layer.v_cache[:keys], bias=bias, scale=1.0, out=attn,
-                                    launch=att)
+                                    launch=att, stable_keys=keys - m)
             expert.linear_gated_residual(attn.view(m, -1), w.o, x, gate=layer.gate_in, launch=lin)
             expert.linear_gelu_mul(x, w.gate_up, norm=layer.norm_post, out=h, launch=lin)
             expert.linear_gated_residual(h, w.down, x, gate=layer.gate_post, launch=lin)

@@ -86,7 +86,7 @@ inline void bind_expert_kernels(pybind11::module_& m) {
       "expert_decode_attention",
       [ptr](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t bias, uintptr_t out, int64_t tokens, int64_t num_q_heads,
             int64_t num_kv_heads, int64_t head_dim, int64_t keys, int64_t kv_row_stride, int64_t bias_row_stride,
-            double scale, int splits, int rows_per_block, bool pdl, uintptr_t stream) {
+            double scale, int splits, int rows_per_block, bool pdl, int64_t stable_keys, uintptr_t stream) {
         DecodeAttentionArgs a;
         a.q = ptr(q);
         a.k = ptr(k);
@@ -104,12 +104,13 @@ inline void bind_expert_kernels(pybind11::module_& m) {
         a.splits = splits;
         a.rows_per_block = rows_per_block;
         a.pdl = pdl;
+        a.stable_keys = stable_keys;
         flashrt::expert::decode_attention(a, ptr(stream));
       },
       py::kw_only(), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias"), py::arg("out"), py::arg("tokens"),
       py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("keys"), py::arg("kv_row_stride"),
       py::arg("bias_row_stride"), py::arg("scale"), py::arg("splits"), py::arg("rows_per_block"), py::arg("pdl"),
-      py::arg("stream"));
+      py::arg("stable_keys"), py::arg("stream"));
 
   // layers: 12 pointers per layer (ExpertLayerPointers order: qkv, o, gate_up, down,
   // norm_in weight, shift, gate_in, norm_post weight, shift, gate_post, k_cache, v_cache)

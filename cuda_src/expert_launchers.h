@@ -99,6 +99,10 @@ struct DecodeAttentionArgs {
   int splits = 0;         // key splits (cluster size); 0 = automatic
   int rows_per_block = 0;  // 16, 32 or 64 query rows per block; 0 = automatic
   bool pdl = false;
+  // Keys [0, stable_keys) of k / v and the bias are written by no kernel that may still
+  // be running (under PDL, the previous kernels in the stream): they are read before
+  // waiting for the previous kernel.
+  int64_t stable_keys = 0;
 };
 void decode_attention(const DecodeAttentionArgs& a, void* stream);
 

@@ -297,6 +297,21 @@ def test_decode_attention_launch_shapes_and_masks(twins, launch, num_kv_heads):
     assert_close(out, ref, ATTN_TOL)
 
 
+@pytest.mark.parametrize("stable_keys", [1, 63, 64, 300, 560, 569, 570, 10_000])
+@pytest.mark.parametrize("launch", [AttentionLaunch(pdl=True), AttentionLaunch(splits=2, rows_per_block=32, pdl=True),
+                                    AttentionLaunch(splits=1)])
+def test_decode_attention_stable_keys_split_the_loads_not_the_result(stable_keys, launch):
+    """Rows below stable_keys are loaded before the dependency wait, the rest after it:
+    every split point (mid-tile, tile edge, past the end) gives the bit-identical output."""
+    m, s = 10, 570
+    q = rnd(m, HEADS, HEAD_DIM, scale=3.0)
+    k, v = rnd(s, 1, HEAD_DIM), rnd(s, 1, HEAD_DIM)
+    bias = padded_bias(m, s)
+    plain = expert.decode_attention(q, k, v, bias=bias, out=nan_like(q), launch=launch)
+    split = expert.decode_attention(q, k, v, bias=bias, out=nan_like(q), launch=launch, stable_keys=stable_keys)
+    assert torch.equal(split, plain)
+
+
 def test_decode_attention_without_bias_and_few_keys(twins):
     q = rnd(16, HEADS, HEAD_DIM)
     for s in (1, 63, 65):

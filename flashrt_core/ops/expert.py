@@ -352,11 +352,17 @@ def linear_qkv_rope(x, w, *, cos, sin, positions, k_cache, v_cache, cache_offset
     return q_out
 
 
-def decode_attention(q, k, v, *, bias=None, scale=None, out=None, launch: AttentionLaunch | None = None):
+def decode_attention(q, k, v, *, bias=None, scale=None, out=None, launch: AttentionLaunch | None = None,
+                     stable_keys: int = 0):
     """out [M, Hq, D] bf16 = softmax(q k^T * scale + bias) v per query head; q [M, Hq, D]
     bf16, k / v [S, Hkv, D] bf16 (e.g. the first S rows of a KV cache), query head h
     reading KV head h // (Hq / Hkv); bias float32 [S] (shared) or [M, S] (additive, -inf
-    masks); scale defaults to D^-0.5. A row whose keys are all masked is zero. Returns out."""
+    masks); scale defaults to D^-0.5. A row whose keys are all masked is zero. Returns out.
+
+    stable_keys: keys [0, stable_keys) of k / v and the bias are written by no kernel that
+    may still be running (a KV cache's older rows); with launch.pdl they are loaded
+    before waiting for the previous kernel, which leaves only q and the newer keys on the
+    critical path. It does not change the result."""
     op = "expert.decode_attention"
     _check_tensor(op, "q", q, (BF16,), ndim=3)
     _check_tensor(op, "k", k, (BF16,), ndim=3)
@@ -391,7 +397,8 @@ def decode_attention(q, k, v, *, bias=None, scale=None, out=None, launch: Attent
             bias=_ptr(bias), out=out.data_ptr(), tokens=m, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
             head_dim=head_dim, keys=keys, kv_row_stride=kv_stride,
             bias_row_stride=0 if bias is None or bias.dim() == 1 else _row_stride(bias), scale=scale,
-            splits=launch.splits, rows_per_block=launch.rows_per_block, pdl=launch.pdl)
+            splits=launch.splits, rows_per_block=launch.rows_per_block, pdl=launch.pdl,
+            stable_keys=max(0, min(int(stable_keys), keys)))
     return out
 
 

@@ -602,8 +602,10 @@ class PiGraphRuntime:
                                        q_scale=ec.head_dim**-0.5, launch=lin)
             if step is None and i == depth - 1:
                 return  # state pass: only its K/V are read later
+            # Only this group's K/V rows come from the QKV launch just before; the older
+            # rows and the bias are loaded while that launch drains.
             expert_ops.decode_attention(q, s.k_cache[i, :keys], s.v_cache[i, :keys], bias=s.key_bias[:keys],
-                                        scale=1.0, out=attn, launch=att)
+                                        scale=1.0, out=attn, launch=att, stable_keys=keys - rows)
             expert_ops.linear_gated_residual(attn.view(rows, -1), layer["o"], res, gate=gate_attn,
                                              w_scale=layer["o_scale"], launch=lin)
             norm, gate_mlp = self._expert_norm(i, 1, step)
