@@ -15,7 +15,10 @@ the engine's predict call) and observation -> publish (header stamp of the newes
 input to the chunk's publication, node clock). The consumer adds observation ->
 receive: the same stamp to the chunk's arrival at the robot, DDS transport included
 (both processes read the same system clock). Percentiles are over the last 200 chunks
-(the node's diagnostics window).
+(the node's diagnostics window). The garbage collector's pauses while the node was
+active (flashrt_ros/gc_pauses.py): collections per generation, pause percentiles and
+longest, and the time of each pause of 1 ms or more beside the time of each skipped
+tick (seconds since activation), to tell whether a skip followed a collection.
 
 Everything is real ROS 2 (rclpy over DDS) and the real engine; only the robot and the
 checkpoint's weights are synthetic.
@@ -37,6 +40,7 @@ from rclpy.node import Node
 
 from flashrt_ros import launcher
 from flashrt_ros.diagnostics import RollingWindow
+from flashrt_ros.gc_pauses import SLOW_PAUSE_S
 from flashrt_ros.params import POLICY_NODE_NAME
 
 DEMO_CAMERAS = ["demo/camera/base/image_raw", "demo/camera/wrist/image_raw/compressed"]
@@ -292,8 +296,9 @@ def resolve_robot(robot: str, device: str) -> str:
     return "own-process" if on_cuda else "same-process"
 
 
-def results(policy, active_seconds: float, consumer: dict, robot: str) -> dict:
-    """The run's numbers (what summary() prints), for --json."""
+def results(policy, active_since: float, active_seconds: float, consumer: dict, robot: str) -> dict:
+    """The run's numbers (what summary() prints), for --json. active_since:
+    time.monotonic() at activation."""
     health = policy.health
     out = {"published": health.published, "active_seconds": active_seconds,
            "rate_hz": health.published / max(active_seconds, 1e-9),
@@ -305,11 +310,28 @@ def results(policy, active_seconds: float, consumer: dict, robot: str) -> dict:
     out["late_starts"] = health.late_starts  # ticks that waited for the previous inference
     out.update(_percentiles_ms("late_start", health.late_start_delay))
     out.update({k: v for k, v in consumer.items() if k.startswith("observation_to_receive")})
+    out.update(gc_results(policy.gc_pauses, health, active_since))
     return out
 
 
-def _percentiles_ms(key: str, window: RollingWindow) -> dict:
-    """{key_p50_ms, key_p90_ms, key_p99_ms} of a window of seconds (None when empty)."""
+def gc_results(gc_pauses, health, active_since: float) -> dict:
+    """The garbage collector's pauses while the node was active, and when each slow
+    one and each skipped tick happened (seconds since activation), to line them up."""
+    out = {f"gc_collections_gen{g}": n for g, n in enumerate(gc_pauses.collections)}
+    out["gc_pause_max_ms"] = gc_pauses.longest_s * 1e3
+    out["gc_slow_pause_count"] = gc_pauses.slow_count
+    out.update(_percentiles_ms("gc_pause", gc_pauses))
+    out["gc_slow_pauses"] = [{"at_s": ended - active_since, "generation": generation,
+                              "ms": seconds * 1e3}
+                             for ended, generation, seconds in gc_pauses.slow_pauses()]
+    out["skipped_at"] = [{"at_s": at - active_since, "reason": reason}
+                         for at, reason in health.skip_times]
+    return out
+
+
+def _percentiles_ms(key: str, window) -> dict:
+    """{key_p50_ms, key_p90_ms, key_p99_ms} of a window of seconds (a RollingWindow or
+    anything with its percentile(); None when empty)."""
     out = {}
     for q in (50, 90, 99):
         value = window.percentile(q)
@@ -336,6 +358,10 @@ def summary(numbers: dict) -> str:
     if numbers["late_starts"]:
         lines.append(f"ticks started late (waited for the previous inference): {numbers['late_starts']}, "
                      f"delay p50 {numbers['late_start_p50_ms']:.1f} ms, p99 {numbers['late_start_p99_ms']:.1f} ms")
+    collections = "/".join(str(numbers[f"gc_collections_gen{g}"]) for g in range(3))
+    lines.append(f"garbage collections while active (gen 0/1/2): {collections}, longest pause "
+                 f"{numbers['gc_pause_max_ms']:.1f} ms, {numbers['gc_slow_pause_count']} "
+                 f"of {SLOW_PAUSE_S * 1e3:g} ms or more")
     return "\n".join(lines)
 
 
@@ -387,15 +413,15 @@ def main(duration: float = 10.0, model: str = "pi05", checkpoint: str | None = N
                     print(f"demo failed: the synthetic robot did not connect within "
                           f"{CONNECT_TIMEOUT_S:g} s")
                     return 1
+                started = time.monotonic()  # before: what activation starts comes after it
                 if policy.trigger_activate() != TransitionCallbackReturn.SUCCESS:
                     print("demo failed: the policy node did not activate (see the log)")
                     return 1
-                started = time.monotonic()
                 robot_side.active_since.value = started
                 launcher.wait_for(stop, timeout=duration)
                 active_seconds = time.monotonic() - started
                 launcher.bring_down(policy)
-                numbers = results(policy, active_seconds, robot_side.results(), robot)
+                numbers = results(policy, started, active_seconds, robot_side.results(), robot)
         finally:
             policy.destroy_node()
     print("summary\n" + summary(numbers), flush=True)

@@ -3,7 +3,8 @@
 diagnostic_updater is not available as a wheel, so the node keeps its own figures:
 achieved publish rate, latency percentiles over a rolling window, skipped ticks by
 reason (total and since the last report), the engine fault that stopped the node (if
-any), and GPU memory when the engine is on CUDA.
+any), and GPU memory when the engine is on CUDA. The node adds the garbage collector's
+pauses (flashrt_ros/gc_pauses.py).
 `PolicyHealth` is plain Python (thread-safe, testable without ROS);
 `diagnostic_status` turns a report into a diagnostic_msgs/DiagnosticStatus.
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
+SKIP_TIMES_KEPT = 1000
 
 
 class RollingWindow:
@@ -56,6 +58,9 @@ class PolicyHealth:
         self.late_starts = 0  # ticks that waited for the previous inference to end
         self.published = 0
         self.skipped: collections.Counter = collections.Counter()
+        # (time.monotonic(), reason) of the newest skips: to line them up with other
+        # events of the run (e.g. garbage collector pauses).
+        self.skip_times: collections.deque = collections.deque(maxlen=SKIP_TIMES_KEPT)
         self._skipped_since_report: collections.Counter = collections.Counter()
         self._published_since_report = 0
         self._last_skip_detail: dict[str, str] = {}
@@ -90,6 +95,7 @@ class PolicyHealth:
     def record_skipped(self, reason: str, detail: str = "") -> None:
         with self._lock:
             self.skipped[reason] += 1
+            self.skip_times.append((time.monotonic(), reason))
             self._skipped_since_report[reason] += 1
             self._last_skip_detail[reason] = detail
 

@@ -43,6 +43,17 @@ def test_demo_prints_chunks_and_a_summary(flashrt_ros_command, tiny_checkpoint, 
     assert numbers["rate_hz"] > 0 and numbers["target_hz"] == 20.0
     assert isinstance(numbers["skipped"], dict)
     assert numbers["late_starts"] >= 0 and (numbers["late_start_p50_ms"] is None) == (numbers["late_starts"] == 0)
+    # Garbage collector pauses while active, and when slow ones and skips happened.
+    collections = [numbers[f"gc_collections_gen{g}"] for g in range(3)]
+    assert all(n >= 0 for n in collections)
+    assert (numbers["gc_pause_p99_ms"] is None) == (sum(collections) == 0)
+    assert numbers["gc_pause_max_ms"] >= (numbers["gc_pause_p99_ms"] or 0)
+    assert re.search(r"garbage collections while active \(gen 0/1/2\): \d+/\d+/\d+", out)
+    for pause in numbers["gc_slow_pauses"]:
+        assert 0 <= pause["at_s"] <= numbers["active_seconds"] + 1 and pause["ms"] >= 1
+    assert numbers["gc_slow_pause_count"] == len(numbers["gc_slow_pauses"])
+    assert len(numbers["skipped_at"]) == sum(numbers["skipped"].values())
+    assert all(skip["reason"] in numbers["skipped"] for skip in numbers["skipped_at"])
 
 
 def test_robot_runs_in_its_own_process_when_the_engine_is_on_cuda():
