@@ -155,19 +155,32 @@ def _ms(seconds: float | None) -> str:
 
 
 def gpu_memory(device: str) -> dict[str, str]:
-    """Allocated / reserved / free GPU memory of a CUDA device, as diagnostic values
-    (empty for CPU devices)."""
+    """Allocated / reserved GPU memory of a CUDA device (torch's allocator counters), as
+    diagnostic values; empty for CPU devices. Host-side counters only: this runs on a
+    periodic callback beside the realtime loop, and the driver's free-memory query holds
+    the GIL while it waits on the driver (see gpu_free_memory)."""
     if not device.startswith("cuda"):
         return {}
     import torch  # the engine already imported it when the device is CUDA
 
-    free, total = torch.cuda.mem_get_info(device)
     mib = 1024 ** 2
     return {
         "gpu memory allocated [MiB]": f"{torch.cuda.memory_allocated(device) / mib:.0f}",
         "gpu memory reserved [MiB]": f"{torch.cuda.memory_reserved(device) / mib:.0f}",
-        "gpu memory free [MiB]": f"{free / mib:.0f} of {total / mib:.0f}",
     }
+
+
+def gpu_free_memory(device: str) -> dict[str, str]:
+    """The device's free / total memory from the driver, for configure (torch's binding
+    of cudaMemGetInfo keeps the GIL for the whole driver call, so it stays off the
+    periodic path); empty for CPU devices."""
+    if not device.startswith("cuda"):
+        return {}
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    mib = 1024 ** 2
+    return {"gpu memory free at configure [MiB]": f"{free / mib:.0f} of {total / mib:.0f}"}
 
 
 def diagnostic_status(report: HealthReport, *, name: str, hardware_id: str):

@@ -91,7 +91,7 @@ from rclpy.time import Time
 
 from flashrt_ros import conversions, params
 from flashrt_ros.conversions import ConversionError
-from flashrt_ros.diagnostics import PolicyHealth, diagnostic_status, gpu_memory
+from flashrt_ros.diagnostics import PolicyHealth, diagnostic_status, gpu_free_memory, gpu_memory
 from flashrt_ros.engine_faults import EngineFailures, EngineFault, describe_error
 from flashrt_ros.gc_pauses import GcPauses
 from flashrt_ros.observation import CameraFrame, ObservationBuffer, Sample, SkippedTick
@@ -204,6 +204,8 @@ class _Engine:
     subscriptions: list = field(default_factory=list)
     service: object = None
     diagnostics_timer: object = None
+    # The device's free memory once configured (diagnostic values; empty on CPU).
+    gpu_free_at_configure: dict = field(default_factory=dict)
     chunk_publisher: object = None
     trajectory_publisher: object = None
     diagnostics_publisher: object = None
@@ -289,6 +291,7 @@ class PolicyNode(LifecycleNode):
         log = self.get_logger()
         try:
             self._engine = self._on_engine_thread(self._build_engine)
+            self._engine.gpu_free_at_configure = gpu_free_memory(self._engine.spec.device)
             self._create_interfaces(self._engine)
             _freeze_heap()
         except Exception as error:  # noqa: BLE001 - any failure leaves us unconfigured
@@ -789,6 +792,7 @@ class PolicyNode(LifecycleNode):
                   "backend": spec.backend, "prompt": self._prompt}
         try:
             values.update(gpu_memory(spec.device))
+            values.update(engine.gpu_free_at_configure)
         except Exception as error:  # noqa: BLE001 - diagnostics must not take the node down
             values["gpu memory"] = f"unavailable: {describe_error(error)}"
         values.update(self.gc_pauses.diagnostic_values())
