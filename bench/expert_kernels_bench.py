@@ -2,17 +2,16 @@
 
 Every number is CUDA-graph replay: a graph holds one launch per layer for `--layers`
 distinct weight sets (18 = the Pi0.5 expert, 622 MB bf16: no L2 reuse), and the time
-per launch is the median replay time over the layers. The `layer` section chains whole
-layers on one residual (the real dependency): the persistent expert_layer kernel (one
-launch per layer, or all layers in one launch) against the five calls per layer, with
-a per-phase breakdown from the kernel's trace. Baselines run in the same
-process on the same inputs: torch.nn.functional.linear (cuBLAS, bf16), torch._scaled_mm
-(FP8, M padded to 16, activation pre-quantized: the GEMM alone), SDPA (flash without a
-mask, and with the key-padding mask). Effective bandwidth = weight bytes / time; the
-copy rate of the card (read + write of 1 GiB) is measured first for the ratio.
+per launch is the median replay time over the layers. The `chain` section chains whole
+layers (the five calls each) on one residual, the real dependency. Baselines run in the
+same process on the same inputs: torch.nn.functional.linear (cuBLAS, bf16),
+torch._scaled_mm (FP8, M padded to 16, activation pre-quantized: the GEMM alone), SDPA
+(flash without a mask, and with the key-padding mask). Effective bandwidth = weight
+bytes / time; the copy rate of the card (read + write of 1 GiB) is measured first for
+the ratio.
 
     python bench/expert_kernels_bench.py [--m 10 50] [--layers 18] [--out table.md]
-        [--sections layer attention chain gemm fused]
+        [--sections attention chain gemm fused]
 """
 
 from __future__ import annotations
@@ -27,8 +26,7 @@ import torch.nn.functional as F
 
 from flashrt_core import kernels, ops
 from flashrt_core.ops import expert
-from flashrt_core.ops.expert import (AdaRmsNorm, AttentionLaunch, ExpertLayerInputs, ExpertLayerLaunch,
-                                     ExpertLayerWeights, LinearLaunch)
+from flashrt_core.ops.expert import AdaRmsNorm, AttentionLaunch, LinearLaunch
 
 BF16 = torch.bfloat16
 HIDDEN, MLP, HEADS, HEAD_DIM = 1024, 4096, 8, 256
@@ -307,153 +305,14 @@ def bench_layer_chain(table: Table, layers, copy_gbs):
         del lay
 
 
-TRACE_PHASES = ("qkv", "barrier", "attention", "barrier", "merge", "barrier", "o_proj", "barrier", "gate_up",
-                "barrier", "down")
-TRACE_EVENTS = 24  # cuda_src/expert_layer.cu TraceEvent
-GEMV_PHASES = ("qkv", "o_proj", "gate_up", "down")
-GEMV_START_EVENT = (0, 6, 8, 10)  # the stamp each GEMV phase starts from (layer start, barriers 3, 4, 5)
-GEMV_END_EVENT = (1, 7, 9, 11)
-
-
-def print_trace(trace: torch.Tensor, layer_us: float) -> None:
-    """Per-phase time of the traced layers: cycles between the kernel's stamps, median
-    and max over blocks, scaled to us by the replay's time per layer (launch gaps
-    excluded, so the phases sum to a little less). Then each GEMV phase split into x
-    staging (start to first x staged), items (to the last item's epilogue) and tail
-    (split-K counters and sums), as thread 0 of each block saw them."""
-    t = trace.view(trace.shape[0], -1, TRACE_EVENTS).double()
-    spans = t[:, :, 1:len(TRACE_PHASES) + 1] - t[:, :, :len(TRACE_PHASES)]  # [grid, layers, phases]
-    total = t[:, :, len(TRACE_PHASES)] - t[:, :, 0]
-    us_per_cycle = layer_us / float(total.median())
-
-    def cell(name, cycles):
-        return f"{name} {float(cycles.median()) * us_per_cycle:.2f}/{float(cycles.amax()) * us_per_cycle:.2f}"
-
-    cells = [cell(name, spans[..., i]) for i, name in enumerate(TRACE_PHASES)]
-    cells += [cell(f"wait {name}", t[:, :, 12 + i]) for i, name in enumerate(GEMV_PHASES)]
-    print(f"  {float(total.median()):.0f} cycles/layer; us (median/max over blocks): " + ", ".join(cells), flush=True)
-    split = []
-    for i, name in enumerate(GEMV_PHASES):
-        start, staged, items, end = (t[:, :, GEMV_START_EVENT[i]], t[:, :, 16 + i], t[:, :, 20 + i],
-                                     t[:, :, GEMV_END_EVENT[i]])
-        split.append(f"{name}: " + ", ".join((cell("stage", staged - start), cell("items", items - staged),
-                                               cell("tail", end - items))))
-    print("  " + "; ".join(split), flush=True)
-
-
-def bench_expert_layer(table: Table, layers: int, copy_gbs: float, sweep: bool):
-    """Whole expert layers chained on one bf16 residual (M = 10, 570 keys; Pi0.5: adaRMS
-    and gates): the five small-M calls per layer against the persistent expert_layer
-    kernel, per layer and as one launch for all layers."""
-    m, keys = 10, 570
-    rows = keys + 16
-    cos = torch.randn(rows + 64, HEAD_DIM // 2, device="cuda")
-    sin = torch.randn(rows + 64, HEAD_DIM // 2, device="cuda")
-    positions = torch.arange(keys - m, keys, device="cuda", dtype=torch.int32)
-    offset = torch.tensor([keys - m], device="cuda", dtype=torch.int32)
-    bias = torch.zeros(keys, device="cuda")
-    bias[keys - m - 40:keys - m] = -2.3819763e38
-    x = rnd(m, HIDDEN)
-    q = torch.empty(m, HEADS, HEAD_DIM, dtype=BF16, device="cuda")
-    attn, h = torch.empty_like(q), torch.empty(m, MLP, dtype=BF16, device="cuda")
-    stack = []
-    for _ in range(layers):
-        w = {name: weights(n, k, 1, False)[0][0] for name, (k, n) in SHAPES.items()}
-        mod = [rnd(HIDDEN, dtype=torch.float32, scale=0.1) for _ in range(6)]
-        stack.append(ExpertLayerInputs(ExpertLayerWeights(w["qkv"], w["o_proj"], w["gate_up"], w["down"]),
-                                       AdaRmsNorm(mod[0], mod[1]), mod[2], AdaRmsNorm(mod[3], mod[4]), mod[5],
-                                       rnd(rows, 1, HEAD_DIM), rnd(rows, 1, HEAD_DIM)))
-    workspace = expert.expert_layer_workspace(m, keys, num_q_heads=HEADS, num_kv_heads=1, head_dim=HEAD_DIM,
-                                              width=HIDDEN, mlp=MLP, device="cuda")
-    common = dict(cos=cos, sin=sin, positions=positions, cache_offset=offset, key_bias=bias, keys=keys,
-                  q_scale=HEAD_DIM**-0.5, workspace=workspace)
-    wbytes = sum(n * k for k, n in SHAPES.values()) * 2
-    lin, att = LinearLaunch(pdl=True), AttentionLaunch(pdl=True)
-
-    def five_calls():
-        for layer in stack:
-            w = layer.weights
-            expert.linear_qkv_rope(x, w.qkv, norm=layer.norm_in, cos=cos, sin=sin, positions=positions,
-                                   k_cache=layer.k_cache, v_cache=layer.v_cache, cache_offset=offset, q_out=q,
-                                   q_scale=HEAD_DIM**-0.5, launch=lin)
-            expert.decode_attention(q, layer.k_cache[:keys], layer.v_cache[:keys], bias=bias, scale=1.0, out=attn,
-                                    launch=att, stable_keys=keys - m)
-            expert.linear_gated_residual(attn.view(m, -1), w.o, x, gate=layer.gate_in, launch=lin)
-            expert.linear_gelu_mul(x, w.gate_up, norm=layer.norm_post, out=h, launch=lin)
-            expert.linear_gated_residual(h, w.down, x, gate=layer.gate_post, launch=lin)
-
-    def per_layer(launch):
-        return lambda: [expert.expert_layers(x, [layer], launch=launch, **common) for layer in stack]
-
-    def one_launch(launch):
-        return lambda: expert.expert_layers(x, stack, launch=launch, **common)
-
-    def add(label, us):
-        gbs = wbytes / us / 1e3
-        table.add("expert layer", m, "bf16", label, f"{us:.2f}", f"{gbs:.0f}", f"{gbs / copy_gbs:.0%}")
-
-    add("5 calls/layer +pdl (chain)", graph_time_us(five_calls, layers, replays=5, trials=9))
-    variants = {"expert_layer per layer": (per_layer, ExpertLayerLaunch()),
-                "expert_layer per layer +pdl": (per_layer, ExpertLayerLaunch(pdl=True)),
-                "expert_layer per layer, non-coop +pdl": (per_layer, ExpertLayerLaunch(pdl=True, cooperative=False)),
-                "expert_layers, one launch": (one_launch, ExpertLayerLaunch())}
-    # the alternatives of this kernel (ExpertLayerLaunch), each against the defaults
-    variants.update({
-        "one launch, old settings (sc fences, no prefetch, 1 merge lane)": (
-            one_launch, ExpertLayerLaunch(sc_fences=True, prefetch=False, merge_lanes=1)),
-        "one launch, sc fences": (one_launch, ExpertLayerLaunch(sc_fences=True)),
-        "one launch, no prefetch": (one_launch, ExpertLayerLaunch(prefetch=False)),
-        "one launch, merge lanes 1": (one_launch, ExpertLayerLaunch(merge_lanes=1)),
-        "one launch, merge lanes 2": (one_launch, ExpertLayerLaunch(merge_lanes=2)),
-        "one launch, merge lanes 8": (one_launch, ExpertLayerLaunch(merge_lanes=8)),
-        "one launch, ring 5 x 1": (one_launch, ExpertLayerLaunch(ring_slots=5, in_flight=1)),
-        "one launch, ring 3 x 1": (one_launch, ExpertLayerLaunch(ring_slots=3, in_flight=1)),
-        "one launch, ring 3 x 2": (one_launch, ExpertLayerLaunch(ring_slots=3, in_flight=2)),
-    })
-    if sweep:
-        for slots in (3, 4, 5):
-            for in_flight in (2, 3, 5):
-                if in_flight <= slots:
-                    variants[f"one launch, ring {slots} x {in_flight}"] = (
-                        one_launch, ExpertLayerLaunch(ring_slots=slots, in_flight=in_flight))
-        for chunk in (64, 96):
-            variants[f"one launch, attn chunk {chunk}"] = (one_launch, ExpertLayerLaunch(attn_chunk=chunk))
-    for label, (make, launch) in variants.items():
-        try:
-            add(label, graph_time_us(make(launch), layers, replays=5, trials=9))
-        except (RuntimeError, ValueError) as exc:
-            print(f"skip {label}: {exc}", file=sys.stderr)
-    # where the time goes: a traced graph of each fused shape
-    grid = torch.cuda.get_device_properties(0).multi_processor_count
-    per_layer_trace = torch.zeros(layers, grid * TRACE_EVENTS, dtype=torch.int64, device="cuda")
-    one_launch_trace = torch.zeros(grid * layers * TRACE_EVENTS, dtype=torch.int64, device="cuda")
-
-    def traced_per_layer():
-        for i, layer in enumerate(stack):
-            expert.expert_layers(x, [layer], launch=ExpertLayerLaunch(pdl=True, trace=per_layer_trace[i]), **common)
-
-    for label, run, trace in (
-            ("per layer +pdl", traced_per_layer, lambda: per_layer_trace.view(layers, grid, -1).transpose(0, 1)),
-            ("one launch", one_launch(ExpertLayerLaunch(trace=one_launch_trace)), lambda: one_launch_trace),
-            ("one launch, old settings", one_launch(ExpertLayerLaunch(
-                sc_fences=True, prefetch=False, merge_lanes=1, trace=one_launch_trace)), lambda: one_launch_trace)):
-        try:
-            us = graph_time_us(run, layers, replays=5, trials=5)
-        except (RuntimeError, ValueError) as exc:
-            print(f"skip trace {label}: {exc}", file=sys.stderr)
-            continue
-        print(f"traced {label}: {us:.2f} us/layer", flush=True)
-        print_trace(trace().reshape(grid, -1), us)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--m", type=int, nargs="+", default=[10, 50], help="token counts (action horizon)")
     parser.add_argument("--layers", type=int, default=18, help="distinct weight sets per graph")
     parser.add_argument("--sweep", action="store_true", help="also time split / key-split variants")
     parser.add_argument("--out", help="write the markdown table here")
-    parser.add_argument("--sections", nargs="+", choices=["layer", "attention", "chain", "gemm", "fused"],
-                        default=["layer", "attention", "chain", "gemm", "fused"], help="which sections to run")
+    parser.add_argument("--sections", nargs="+", choices=["attention", "chain", "gemm", "fused"],
+                        default=["attention", "chain", "gemm", "fused"], help="which sections to run")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() or not kernels.available() or not hasattr(kernels.module(), "small_m_linear"):
         sys.exit(f"needs a CUDA GPU and the extension with the expert kernels ({kernels.unavailable_reason()})")
@@ -464,8 +323,7 @@ def main(argv=None):
              f"copy {copy_gbs:.0f} GB/s (read + write); CUDA-graph replay, {args.layers} rotating weight sets")
     print(title, flush=True)
     table = Table()
-    sections = {"layer": lambda: bench_expert_layer(table, args.layers, copy_gbs, args.sweep),
-                "attention": lambda: bench_attention(table, args.layers, args.sweep),
+    sections = {"attention": lambda: bench_attention(table, args.layers, args.sweep),
                 "chain": lambda: bench_layer_chain(table, args.layers, copy_gbs),
                 "gemm": lambda: bench_gemms(table, args.m, args.layers, copy_gbs, args.sweep),
                 "fused": lambda: bench_fused(table, args.m, args.layers, copy_gbs)}

@@ -5,18 +5,14 @@
 #pragma once
 
 #include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
 
 #include <cstdint>
-#include <vector>
 
 #include "expert_launchers.h"
 
 inline void bind_expert_kernels(pybind11::module_& m) {
   namespace py = pybind11;
   using flashrt::expert::DecodeAttentionArgs;
-  using flashrt::expert::ExpertLayerArgs;
-  using flashrt::expert::ExpertLayerPointers;
   using flashrt::expert::SmallMLinearArgs;
   auto ptr = [](uintptr_t p) { return reinterpret_cast<void*>(p); };
 
@@ -111,90 +107,4 @@ inline void bind_expert_kernels(pybind11::module_& m) {
       py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("keys"), py::arg("kv_row_stride"),
       py::arg("bias_row_stride"), py::arg("scale"), py::arg("splits"), py::arg("rows_per_block"), py::arg("pdl"),
       py::arg("stable_keys"), py::arg("stream"));
-
-  // layers: 12 pointers per layer (ExpertLayerPointers order: qkv, o, gate_up, down,
-  // norm_in weight, shift, gate_in, norm_post weight, shift, gate_post, k_cache, v_cache)
-  m.def(
-      "expert_layer",
-      [ptr](uintptr_t res, int64_t m, const std::vector<uintptr_t>& layers, int64_t num_q_heads,
-            int64_t num_kv_heads, int64_t head_dim, int64_t hidden, int64_t mlp, int norm, double eps, uintptr_t cos,
-            uintptr_t sin, int64_t max_pos, uintptr_t positions, uintptr_t cache_offset, int64_t cache_rows,
-            uintptr_t key_bias, int64_t keys, double q_scale, double attn_scale, uintptr_t workspace,
-            int64_t workspace_bytes, bool stop_after_kv, int ring_slots, int in_flight, int attn_chunk, int grid,
-            bool pdl, bool cooperative, int merge_lanes, bool sc_fences, bool prefetch, uintptr_t trace,
-            int64_t trace_len, uintptr_t stream) {
-        constexpr size_t kPerLayer = 12;
-        if (layers.empty() || layers.size() % kPerLayer != 0)
-          throw py::value_error("flashrt kernel expert_layer: layers must hold 12 pointers per layer");
-        std::vector<ExpertLayerPointers> per_layer(layers.size() / kPerLayer);
-        for (size_t l = 0; l < per_layer.size(); ++l) {
-          const uintptr_t* v = layers.data() + l * kPerLayer;
-          ExpertLayerPointers& lp = per_layer[l];
-          lp.qkv = ptr(v[0]);
-          lp.o = ptr(v[1]);
-          lp.gate_up = ptr(v[2]);
-          lp.down = ptr(v[3]);
-          lp.norm_in_weight = static_cast<const float*>(ptr(v[4]));
-          lp.norm_in_shift = static_cast<const float*>(ptr(v[5]));
-          lp.gate_in = static_cast<const float*>(ptr(v[6]));
-          lp.norm_post_weight = static_cast<const float*>(ptr(v[7]));
-          lp.norm_post_shift = static_cast<const float*>(ptr(v[8]));
-          lp.gate_post = static_cast<const float*>(ptr(v[9]));
-          lp.k_cache = ptr(v[10]);
-          lp.v_cache = ptr(v[11]);
-        }
-        ExpertLayerArgs a;
-        a.res = ptr(res);
-        a.m = m;
-        a.layers = per_layer.data();
-        a.num_layers = static_cast<int>(per_layer.size());
-        a.num_q_heads = num_q_heads;
-        a.num_kv_heads = num_kv_heads;
-        a.head_dim = head_dim;
-        a.hidden = hidden;
-        a.mlp = mlp;
-        a.norm = norm;
-        a.eps = static_cast<float>(eps);
-        a.cos = static_cast<const float*>(ptr(cos));
-        a.sin = static_cast<const float*>(ptr(sin));
-        a.max_pos = max_pos;
-        a.positions = static_cast<const int32_t*>(ptr(positions));
-        a.cache_offset = static_cast<const int32_t*>(ptr(cache_offset));
-        a.cache_rows = cache_rows;
-        a.key_bias = static_cast<const float*>(ptr(key_bias));
-        a.keys = keys;
-        a.q_scale = static_cast<float>(q_scale);
-        a.attn_scale = static_cast<float>(attn_scale);
-        a.workspace = ptr(workspace);
-        a.workspace_bytes = workspace_bytes;
-        a.stop_after_kv = stop_after_kv;
-        a.ring_slots = ring_slots;
-        a.in_flight = in_flight;
-        a.attn_chunk = attn_chunk;
-        a.grid = grid;
-        a.pdl = pdl;
-        a.cooperative = cooperative;
-        a.merge_lanes = merge_lanes;
-        a.sc_fences = sc_fences;
-        a.prefetch = prefetch;
-        a.trace = static_cast<long long*>(ptr(trace));
-        a.trace_len = trace_len;
-        flashrt::expert::expert_layer(a, ptr(stream));
-      },
-      py::kw_only(), py::arg("res"), py::arg("m"), py::arg("layers"), py::arg("num_q_heads"), py::arg("num_kv_heads"),
-      py::arg("head_dim"), py::arg("hidden"), py::arg("mlp"), py::arg("norm"), py::arg("eps"), py::arg("cos"),
-      py::arg("sin"), py::arg("max_pos"), py::arg("positions"), py::arg("cache_offset"), py::arg("cache_rows"),
-      py::arg("key_bias"), py::arg("keys"), py::arg("q_scale"), py::arg("attn_scale"), py::arg("workspace"),
-      py::arg("workspace_bytes"), py::arg("stop_after_kv"), py::arg("ring_slots"), py::arg("in_flight"),
-      py::arg("attn_chunk"), py::arg("grid"), py::arg("pdl"), py::arg("cooperative"), py::arg("merge_lanes"),
-      py::arg("sc_fences"), py::arg("prefetch"), py::arg("trace"),
-      py::arg("trace_len"), py::arg("stream"));
-
-  m.def("expert_layer_workspace_bytes", &flashrt::expert::expert_layer_workspace_bytes, py::kw_only(), py::arg("m"),
-        py::arg("keys"), py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("hidden"),
-        py::arg("mlp"));
-
-  m.def("expert_layer_unsupported", &flashrt::expert::expert_layer_unsupported, py::kw_only(), py::arg("m"),
-        py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("hidden"), py::arg("mlp"),
-        py::arg("num_layers"));
 }

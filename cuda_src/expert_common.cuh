@@ -1,5 +1,4 @@
-// Pieces shared by the action-expert kernels (small_m_linear.cu, decode_attention.cu,
-// expert_layer.cu):
+// Pieces shared by the action-expert kernels (small_m_linear.cu, decode_attention.cu):
 // bf16 tensor-core MMA, streaming / async loads, FP8 E4M3 -> bf16 widening,
 // programmatic dependent launch (PDL) and a cluster-aware launch helper.
 #pragma once
@@ -103,7 +102,7 @@ __device__ __forceinline__ float gelu_tanh(float x) {
   return 0.5f * x * (1.f + tanhf(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
 }
 
-// --- attention tiles (decode_attention.cu, expert_layer.cu) ------------------------------
+// --- attention tiles (decode_attention.cu) -----------------------------------------------
 //
 // Q, K, V and P staged in shared memory with padded rows; S = Q K^T and O += P V on
 // mma.m16n8k16. Each warp scores 8 keys for every 16-row query tile and owns 32 output
@@ -231,42 +230,29 @@ inline const DeviceInfo& device_info() {
   return table[dev];
 }
 
-// How a kernel is launched: `cluster_x` blocks per cluster along x (1: none);
-// programmatic stream serialization (`pdl`); `cooperative`: all blocks co-resident or
-// the launch fails (kernels with grid-wide barriers).
-struct LaunchOptions {
-  int cluster_x = 1;
-  bool pdl = false;
-  bool cooperative = false;
-};
-
-// Launches `kernel` on `stream` with `opt`. Raises naming the kernel when the launch is
-// rejected.
+// Launches `kernel` on `stream` with `cluster_x` blocks per cluster along x (1: none) and,
+// when `pdl`, programmatic stream serialization. Raises naming the kernel when the launch
+// is rejected.
 template <typename Kernel, typename... Args>
-void launch(const char* name, Kernel kernel, dim3 grid, dim3 block, size_t smem, void* stream, LaunchOptions opt,
-            const Args&... args) {
+void launch(const char* name, Kernel kernel, dim3 grid, dim3 block, size_t smem, void* stream, int cluster_x,
+            bool pdl, const Args&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = static_cast<cudaStream_t>(stream);
-  cudaLaunchAttribute attrs[3];
+  cudaLaunchAttribute attrs[2];
   int n = 0;
-  if (opt.cluster_x > 1) {
+  if (cluster_x > 1) {
     attrs[n].id = cudaLaunchAttributeClusterDimension;
-    attrs[n].val.clusterDim.x = static_cast<unsigned>(opt.cluster_x);
+    attrs[n].val.clusterDim.x = static_cast<unsigned>(cluster_x);
     attrs[n].val.clusterDim.y = 1;
     attrs[n].val.clusterDim.z = 1;
     ++n;
   }
-  if (opt.pdl) {
+  if (pdl) {
     attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attrs[n].val.programmaticStreamSerializationAllowed = 1;
-    ++n;
-  }
-  if (opt.cooperative) {
-    attrs[n].id = cudaLaunchAttributeCooperative;
-    attrs[n].val.cooperative = 1;
     ++n;
   }
   cfg.attrs = attrs;
@@ -277,12 +263,6 @@ void launch(const char* name, Kernel kernel, dim3 grid, dim3 block, size_t smem,
     throw std::runtime_error(std::string("flashrt kernel ") + name + " failed to launch: " + cudaGetErrorName(err) +
                              ": " + cudaGetErrorString(err));
   }
-}
-
-template <typename Kernel, typename... Args>
-void launch(const char* name, Kernel kernel, dim3 grid, dim3 block, size_t smem, void* stream, int cluster_x,
-            bool pdl, const Args&... args) {
-  launch(name, kernel, grid, block, smem, stream, LaunchOptions{cluster_x, pdl, false}, args...);
 }
 
 // Blocks of `kernel` resident per SM with `threads` threads and `smem` bytes of dynamic

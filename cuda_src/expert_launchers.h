@@ -1,11 +1,10 @@
 // Host entry points of the action-expert kernels (small_m_linear.cu,
-// decode_attention.cu, expert_layer.cu). Plain C++ only, so expert_bindings.h can
-// include this without CUDA headers. Every launcher validates its arguments (std::invalid_argument), never
+// decode_attention.cu). Plain C++ only, so expert_bindings.h can include this without
+// CUDA headers. Every launcher validates its arguments (std::invalid_argument), never
 // allocates, never synchronizes and is legal inside CUDA-graph capture.
 #pragma once
 
 #include <cstdint>
-#include <string>
 
 namespace flashrt {
 namespace expert {
@@ -105,82 +104,6 @@ struct DecodeAttentionArgs {
   int64_t stable_keys = 0;
 };
 void decode_attention(const DecodeAttentionArgs& a, void* stream);
-
-// Whole action-expert layers in one persistent launch (M <= 16 tokens, Pi0 / Pi0.5
-// expert shapes: width 1024, head_dim 256). Per layer, with grid-wide barriers between:
-//   res -> norm_in -> packed QKV (pack_qkv_rope) -> RoPE -> q (workspace), k / v -> cache
-//   attention of q over cache rows [0, keys) (key_bias [keys] fp32, attn_scale)
-//   res += gate_in * (attn @ o^T)
-//   res -> norm_post -> packed gate|up (pack_gate_up) -> gelu_tanh(gate) * up (workspace)
-//   res += gate_post * (h @ down^T)
-// the same bf16 rounding points as the five small_m_linear / decode_attention calls. A
-// producer warp per block streams every weight tile of the block (all layers, in
-// order) into a shared-memory ring with bulk copies, independently of the barriers.
-struct ExpertLayerPointers {
-  const void* qkv = nullptr;      // bf16 [(Hq + 2 Hkv) * D, hidden], pack_qkv_rope order
-  const void* o = nullptr;        // bf16 [hidden, Hq * D]
-  const void* gate_up = nullptr;  // bf16 [2 F, hidden], pack_gate_up order
-  const void* down = nullptr;     // bf16 [hidden, F]
-  const float* norm_in_weight = nullptr;   // RMS weight or adaRMS scale [hidden]
-  const float* norm_in_shift = nullptr;    // adaRMS shift [hidden]; null for RMS
-  const float* gate_in = nullptr;          // [hidden] or null (1)
-  const float* norm_post_weight = nullptr;
-  const float* norm_post_shift = nullptr;
-  const float* gate_post = nullptr;
-  void* k_cache = nullptr;  // bf16 [cache_rows, Hkv, D]
-  void* v_cache = nullptr;
-};
-
-struct ExpertLayerArgs {
-  void* res = nullptr;  // bf16 [M, hidden], updated in place
-  int64_t m = 0;
-  const ExpertLayerPointers* layers = nullptr;
-  int num_layers = 0;
-  int64_t num_q_heads = 0, num_kv_heads = 0, head_dim = 0, hidden = 0, mlp = 0;
-  int norm = kPrologueRmsNorm;  // kPrologueRmsNorm or kPrologueAdaRmsNorm (every norm)
-  float eps = 1e-6f;
-  const float* cos = nullptr;  // fp32 [max_pos, D / 2]
-  const float* sin = nullptr;
-  int64_t max_pos = 0;
-  const int32_t* positions = nullptr;     // [M]
-  const int32_t* cache_offset = nullptr;  // [1]: cache row of token 0
-  int64_t cache_rows = 0;
-  const float* key_bias = nullptr;  // [keys]: 0 or a large negative number
-  int64_t keys = 0;
-  float q_scale = 1.f, attn_scale = 1.f;
-  void* workspace = nullptr;  // expert_layer_workspace_bytes, zeroed once before first use
-  int64_t workspace_bytes = 0;
-  bool stop_after_kv = false;  // the last layer stops after writing its K / V (Pi0 state pass)
-  // Launch shape (0 = automatic): ring slots (weight tiles buffered per block), tiles in
-  // flight per block, keys per attention work unit (multiple of 32), blocks.
-  int ring_slots = 0, in_flight = 0, attn_chunk = 0, grid = 0;
-  bool pdl = false;
-  bool cooperative = true;
-  // Threads merging one attention output quad (1, 2, 4 or 8; 0 = 4): more lanes, fewer
-  // dependent L2 round trips; the merge order (the last bits) depends on it.
-  int merge_lanes = 0;
-  // Grid barrier and split-K counters behind full __threadfence()s (else release /
-  // acquire atomics and loads: the same order, fewer waits). Bit-identical either way.
-  bool sc_fences = false;
-  // Norm vectors, gates and key bias of every layer into L2 at the start (evict-last), K /
-  // V a layer ahead (else K / V at the layer's start only). Bit-identical either way.
-  bool prefetch = true;
-  // Profiling: when set, thread 0 of each block stores clock64 at each phase boundary, the
-  // cycles spent waiting for weights per phase, and clock64 when each GEMV phase had x
-  // staged and had consumed its items ([grid][layers][24] int64).
-  long long* trace = nullptr;
-  int64_t trace_len = 0;
-};
-void expert_layer(const ExpertLayerArgs& a, void* stream);
-
-// Bytes of the workspace for these shapes: sync counters, q, attention output, MLP
-// activations, split-K and attention partials.
-int64_t expert_layer_workspace_bytes(int64_t m, int64_t keys, int64_t num_q_heads, int64_t num_kv_heads,
-                                     int64_t head_dim, int64_t hidden, int64_t mlp);
-
-// Empty when expert_layer takes these shapes on the current device, else why not.
-std::string expert_layer_unsupported(int64_t m, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
-                                     int64_t hidden, int64_t mlp, int num_layers);
 
 }  // namespace expert
 }  // namespace flashrt

@@ -1,9 +1,8 @@
-"""Action-expert ops: small-M GEMMs with fused prologue / epilogue, decode attention,
-and whole expert layers in one persistent kernel. On CUDA with the extension built
-they run the kernels of cuda_src/small_m_linear.cu, decode_attention.cu and
-expert_layer.cu; otherwise (CPU, FLASHRT_DISABLE_KERNELS,
-`ops.use_reference()`, a shape the kernel does not take) the twins of
-`flashrt_core.ops.expert_reference`, same signatures and semantics.
+"""Action-expert ops: small-M GEMMs with fused prologue / epilogue and decode
+attention. On CUDA with the extension built they run the kernels of
+cuda_src/small_m_linear.cu and decode_attention.cu; otherwise (CPU,
+FLASHRT_DISABLE_KERNELS, `ops.use_reference()`, a shape the kernel does not take) the
+twins of `flashrt_core.ops.expert_reference`, same signatures and semantics.
 
 One Pi0.5 expert layer is five calls (x: residual stream [M, 1024], M = horizon):
 
@@ -22,30 +21,16 @@ with a float32 scale each (pass both as w, w_scale: W8A16, activations stay bf16
 Nothing allocates when `out` / `q_out` are given, so the calls can be captured in a
 CUDA graph; `LinearLaunch(pdl=True)` / `AttentionLaunch(pdl=True)` let each kernel
 start while the previous one drains (see LinearLaunch for the condition).
-
-The same layer as one launch (M <= 16; `expert_layers` runs several layers in one):
-
-    ws = expert_layer_workspace(10, keys, num_q_heads=8, num_kv_heads=1, head_dim=256,
-                                width=1024, mlp=4096, device=x.device)      # once
-    expert_layer(x, ExpertLayerWeights(w_qkv, w_o, w_gate_up, w_down),
-                 norm_in=AdaRmsNorm(scale1, shift1), gate_in=gate1,
-                 norm_post=AdaRmsNorm(scale2, shift2), gate_post=gate2, cos=..., sin=...,
-                 positions=pos, k_cache=kc, v_cache=vc, cache_offset=off,
-                 key_bias=key_bias[:keys], keys=keys, q_scale=256 ** -0.5, workspace=ws)
 """
 
 from __future__ import annotations
-
-import math
-from collections.abc import Sequence
 
 import torch
 
 from flashrt_core import kernels
 from flashrt_core.ops import _check_shape, _check_tensor, _fail, _launch, _ptr, kernels_enabled
 from flashrt_core.ops import expert_reference as twin
-from flashrt_core.ops.expert_reference import (AdaRmsNorm, AttentionLaunch, ExpertLayerInputs, ExpertLayerLaunch,
-                                               ExpertLayerWeights, LinearLaunch, RmsNorm, pair_order)
+from flashrt_core.ops.expert_reference import AdaRmsNorm, AttentionLaunch, LinearLaunch, RmsNorm, pair_order
 from flashrt_core.ops.reference import FP8, FP8_MAX
 
 BF16 = torch.bfloat16
@@ -402,232 +387,12 @@ def decode_attention(q, k, v, *, bias=None, scale=None, out=None, launch: Attent
     return out
 
 
-# --- whole layers ----------------------------------------------------------------------
-
-MAX_LAYER_M = 16  # token rows expert_layer runs on the kernel (fragments of x in registers)
-MAX_LAYERS_PER_LAUNCH = 32
-LAYER_KEY_CHUNK = 32  # keys per attention unit (cuda_src/expert_layer.cu kKeyTile)
-
-
-def expert_layer_workspace_bytes(m: int, keys: int, *, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                                 width: int, mlp: int) -> int:
-    """Bytes of expert_layer's workspace (cuda_src/expert_layer.cu workspace_layout):
-    barrier and split-K counters, q, attention output, MLP activations, split-K
-    partials, attention partials; every region 256-byte aligned."""
-    def aligned(n):
-        return -(-n // 256) * 256
-
-    tiles = width // 16
-    max_slices = max(num_q_heads * head_dim // width, mlp // width)
-    units = num_kv_heads * math.ceil(m * (num_q_heads // num_kv_heads) / 16) * math.ceil(keys / LAYER_KEY_CHUNK)
-    regions = (4, 2 * tiles * 4, m * num_q_heads * head_dim * 2, m * num_q_heads * head_dim * 2, m * mlp * 2,
-               max_slices * tiles * 64 * 16, units * 16 * head_dim * 4, units * 16 * 8)
-    return sum(aligned(n) for n in regions)
-
-
-def expert_layer_workspace(m: int, keys: int, *, num_q_heads: int, num_kv_heads: int, head_dim: int, width: int,
-                           mlp: int, device) -> torch.Tensor:
-    """A zeroed workspace for expert_layer / expert_layers with up to m tokens and keys
-    keys. Allocate once and reuse (the kernel leaves its counters as it found them);
-    one launch at a time per workspace."""
-    for name, value in (("m", m), ("keys", keys), ("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads),
-                        ("head_dim", head_dim), ("width", width), ("mlp", mlp)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"expert_layer_workspace: {name} must be a positive int, got {value!r}")
-    size = expert_layer_workspace_bytes(m, keys, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-                                        head_dim=head_dim, width=width, mlp=mlp)
-    return torch.zeros(size, dtype=torch.uint8, device=device)
-
-
-def _check_norm(op: str, name: str, norm, width: int) -> None:
-    if type(norm) not in (RmsNorm, AdaRmsNorm):
-        _fail(op, f"{name} must be RmsNorm or AdaRmsNorm, got {type(norm).__name__}")
-    for field, t in ((("weight", norm.weight),) if isinstance(norm, RmsNorm)
-                     else (("scale", norm.scale), ("shift", norm.shift))):
-        _check_tensor(op, f"{name}.{field}", t, PARAM_DTYPES, ndim=1)
-        _check_shape(op, f"{name}.{field}", t, (width,))
-
-
-def _check_layers(op: str, res, layers, cache_shape) -> tuple[int, int, int]:
-    """Every layer against res [M, width] and the first cache's [S, Hkv, D]; returns
-    (num_q_heads, num_kv_heads, mlp)."""
-    width = res.shape[1]
-    _, num_kv_heads, head_dim = cache_shape
-    if head_dim % 16:
-        _fail(op, f"head_dim must be a multiple of 16, got {head_dim}")
-    first = layers[0].weights
-    if first.qkv.dim() != 2 or first.qkv.shape[0] % head_dim or first.qkv.shape[0] // head_dim <= 2 * num_kv_heads:
-        _fail(op, f"weights.qkv has shape {tuple(first.qkv.shape)}: not (Hq + 2 * {num_kv_heads}) heads of "
-                  f"{head_dim} rows")
-    num_q_heads = first.qkv.shape[0] // head_dim - 2 * num_kv_heads
-    if num_q_heads % num_kv_heads:
-        _fail(op, f"{num_q_heads} query heads do not share {num_kv_heads} KV heads evenly")
-    if first.down.dim() != 2:
-        _fail(op, f"weights.down must be 2-D, got shape {tuple(first.down.shape)}")
-    mlp = first.down.shape[1]
-    shapes = {"qkv": (first.qkv.shape[0], width), "o": (width, num_q_heads * head_dim), "gate_up": (2 * mlp, width),
-              "down": (width, mlp)}
-    for index, layer in enumerate(layers):
-        if not isinstance(layer, ExpertLayerInputs) or not isinstance(layer.weights, ExpertLayerWeights):
-            _fail(op, f"layer {index} must be ExpertLayerInputs(ExpertLayerWeights(...), ...)")
-        for name, shape in shapes.items():
-            w = getattr(layer.weights, name)
-            _check_tensor(op, f"layer {index} weights.{name}", w, (BF16,), ndim=2)
-            _check_shape(op, f"layer {index} weights.{name}", w, shape)
-            if not w.is_contiguous():
-                _fail(op, f"layer {index} weights.{name} must be contiguous")
-        _check_norm(op, f"layer {index} norm_in", layer.norm_in, width)
-        _check_norm(op, f"layer {index} norm_post", layer.norm_post, width)
-        for name in ("gate_in", "gate_post"):
-            gate = getattr(layer, name)
-            if gate is not None:
-                _check_tensor(op, f"layer {index} {name}", gate, PARAM_DTYPES, ndim=1)
-                _check_shape(op, f"layer {index} {name}", gate, (width,))
-        for name in ("k_cache", "v_cache"):
-            cache = getattr(layer, name)
-            _check_tensor(op, f"layer {index} {name}", cache, (BF16,), ndim=3)
-            _check_shape(op, f"layer {index} {name}", cache, cache_shape)
-            if not cache.is_contiguous():
-                _fail(op, f"layer {index} {name} must be contiguous")
-    return num_q_heads, num_kv_heads, mlp
-
-
-def _layer_tensors(layer: ExpertLayerInputs) -> list[torch.Tensor | None]:
-    """In the kernel's pointer order (cuda_src/expert_bindings.h)."""
-    def vectors(norm):
-        return (norm.weight, None) if isinstance(norm, RmsNorm) else (norm.scale, norm.shift)
-
-    w = layer.weights
-    return [w.qkv, w.o, w.gate_up, w.down, *vectors(layer.norm_in), layer.gate_in, *vectors(layer.norm_post),
-            layer.gate_post, layer.k_cache, layer.v_cache]
-
-
-def _layer_kernel_module(res, layers, num_q_heads, num_kv_heads, head_dim, mlp, tensors):
-    """The extension module when these layers can run as one expert_layer launch."""
-    module = _kernel_module(res, *tensors)
-    if module is None or not hasattr(module, "expert_layer"):
-        return None
-    norms = [n for layer in layers for n in (layer.norm_in, layer.norm_post)]
-    if len({type(n) for n in norms}) != 1 or len({n.eps for n in norms}) != 1:
-        return None  # one norm kind and eps per launch
-    if any(t is not None and t.is_floating_point() and t.dim() == 1 and t.dtype != torch.float32 for t in tensors):
-        return None  # norm vectors and gates: fp32 only
-    problem = module.expert_layer_unsupported(m=res.shape[0], num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-                                              head_dim=head_dim, hidden=res.shape[1], mlp=mlp,
-                                              num_layers=len(layers))
-    return None if problem else module
-
-
-def expert_layers(res, layers: Sequence[ExpertLayerInputs], *, cos, sin, positions, cache_offset, key_bias, keys,
-                  q_scale, attn_scale=1.0, workspace, stop_after_kv=False, launch: ExpertLayerLaunch | None = None):
-    """Several expert layers in one launch on the residual res [M, width] bf16 (in
-    place): per layer, norm_in -> fused QKV + RoPE (q_scale on q) -> k / v into the
-    layer's cache rows cache_offset.. -> attention over cache rows [0, keys) with
-    key_bias [keys] fp32 (0 or a large negative number) and attn_scale -> o_proj,
-    res += gate_in * o -> norm_post -> gate|up GEMM, gelu_tanh(gate) * up -> down,
-    res += gate_post * down; the same function and bf16 rounding points as the five
-    small-M ops (twin: expert_reference.expert_layers). stop_after_kv: the last layer
-    stops after writing its K / V (Pi0's state pass). `workspace`: from
-    expert_layer_workspace (at least this M and keys). Kernel path: CUDA, M <= 16,
-    width 1024, head_dim 256, one norm kind and eps, fp32 norm vectors and gates,
-    sm_90+; nothing allocates, so it can be captured in a CUDA graph. Returns res."""
-    op = "expert.expert_layers"
-    _check_tensor(op, "res", res, (BF16,), ndim=2)
-    if res.shape[0] == 0 or not res.is_contiguous():
-        _fail(op, f"res must be a non-empty contiguous [M, width] tensor, got {tuple(res.shape)}")
-    layers = list(layers)
-    if not layers:
-        _fail(op, "need at least one layer")
-    if len(layers) > MAX_LAYERS_PER_LAUNCH:
-        _fail(op, f"at most {MAX_LAYERS_PER_LAUNCH} layers per launch, got {len(layers)}")
-    if not isinstance(layers[0], ExpertLayerInputs):
-        _fail(op, "layers must be ExpertLayerInputs")
-    _check_tensor(op, "layer 0 k_cache", layers[0].k_cache, (BF16,), ndim=3)
-    cache_shape = tuple(layers[0].k_cache.shape)
-    num_q_heads, num_kv_heads, mlp = _check_layers(op, res, layers, cache_shape)
-    m, width = res.shape
-    cache_rows, _, head_dim = cache_shape
-    _check_rope(op, cos, sin, positions, cache_offset, m, head_dim)
-    if not isinstance(keys, int) or not 1 <= keys <= cache_rows:
-        _fail(op, f"keys must be an int in [1, {cache_rows}] (cache rows), got {keys!r}")
-    _check_tensor(op, "key_bias", key_bias, (torch.float32,), ndim=1)
-    _check_shape(op, "key_bias", key_bias, (keys,))
-    _check_tensor(op, "workspace", workspace, (torch.uint8,), ndim=1)
-    need = expert_layer_workspace_bytes(m, keys, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-                                        head_dim=head_dim, width=width, mlp=mlp)
-    if workspace.numel() < need or not workspace.is_contiguous():
-        _fail(op, f"workspace must be a contiguous uint8 tensor of at least {need} bytes "
-                  f"(expert_layer_workspace), got {workspace.numel()}")
-    tensors = [t for layer in layers for t in _layer_tensors(layer)]
-    for t in tensors + [cos, sin, positions, cache_offset, key_bias, workspace]:
-        if t is not None and t.device != res.device:
-            _fail(op, f"all tensors must be on {res.device}, found one on {t.device}")
-    common = dict(cos=cos, sin=sin, positions=positions, cache_offset=cache_offset, key_bias=key_bias, keys=keys,
-                  q_scale=q_scale, attn_scale=attn_scale, workspace=workspace, stop_after_kv=stop_after_kv)
-    module = _layer_kernel_module(res, layers, num_q_heads, num_kv_heads, head_dim, mlp,
-                                  tensors + [cos, sin, positions, cache_offset, key_bias, workspace])
-    if module is None:
-        return twin.expert_layers(res, layers, **common)
-    launch = launch or ExpertLayerLaunch()
-    if launch.trace is not None and (launch.trace.dtype != torch.int64 or launch.trace.device != res.device
-                                     or not launch.trace.is_contiguous()):
-        _fail(op, "launch.trace must be a contiguous int64 tensor on the device")
-    norm = layers[0].norm_in
-    _launch(module.expert_layer, res.device, res=res.data_ptr(), m=m, layers=[_ptr(t) for t in tensors],
-            num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, hidden=width, mlp=mlp,
-            norm=_PROLOGUE[type(norm)], eps=norm.eps, cos=cos.data_ptr(), sin=sin.data_ptr(), max_pos=cos.shape[0],
-            positions=positions.data_ptr(), cache_offset=cache_offset.data_ptr(), cache_rows=cache_rows,
-            key_bias=key_bias.data_ptr(), keys=keys, q_scale=float(q_scale), attn_scale=float(attn_scale),
-            workspace=workspace.data_ptr(), workspace_bytes=workspace.numel(), stop_after_kv=bool(stop_after_kv),
-            ring_slots=launch.ring_slots, in_flight=launch.in_flight, attn_chunk=launch.attn_chunk,
-            grid=launch.grid, pdl=launch.pdl, cooperative=launch.cooperative, merge_lanes=launch.merge_lanes,
-            sc_fences=bool(launch.sc_fences), prefetch=bool(launch.prefetch), trace=_ptr(launch.trace),
-            trace_len=0 if launch.trace is None else launch.trace.numel())
-    return res
-
-
-def expert_layer(res, layer: ExpertLayerWeights, *, norm_in, gate_in, norm_post, gate_post, cos, sin, positions,
-                 k_cache, v_cache, cache_offset, key_bias, keys, q_scale, attn_scale=1.0, workspace,
-                 stop_after_kv=False, launch: ExpertLayerLaunch | None = None):
-    """One expert layer in one launch: expert_layers with a single layer (see there).
-    norm_in / norm_post: AdaRmsNorm (Pi0.5) or RmsNorm (Pi0); gate_in / gate_post:
-    fp32 [width] or None. Returns res."""
-    inputs = ExpertLayerInputs(layer, norm_in, gate_in, norm_post, gate_post, k_cache, v_cache)
-    return expert_layers(res, [inputs], cos=cos, sin=sin, positions=positions, cache_offset=cache_offset,
-                         key_bias=key_bias, keys=keys, q_scale=q_scale, attn_scale=attn_scale, workspace=workspace,
-                         stop_after_kv=stop_after_kv, launch=launch)
-
-
-def expert_layer_supported(m: int, *, num_q_heads: int, num_kv_heads: int, head_dim: int, width: int, mlp: int,
-                           device, num_layers: int = 1) -> bool:
-    """Whether expert_layer(s) runs these shapes as one kernel launch on `device`
-    (otherwise it takes the twin, which is not graph-capturable on CUDA: call the five
-    small-M ops instead)."""
-    device = torch.device(device)
-    if device.type != "cuda" or not kernels_enabled() or not kernels.device_supported(device.index):
-        return False
-    module = kernels.module()
-    if not hasattr(module, "expert_layer_unsupported"):
-        return False
-    with torch.cuda.device(device):
-        return not module.expert_layer_unsupported(m=m, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-                                                   head_dim=head_dim, hidden=width, mlp=mlp, num_layers=num_layers)
-
-
 __all__ = [
     "AdaRmsNorm",
     "AttentionLaunch",
-    "ExpertLayerInputs",
-    "ExpertLayerLaunch",
-    "ExpertLayerWeights",
     "LinearLaunch",
     "RmsNorm",
     "decode_attention",
-    "expert_layer",
-    "expert_layer_supported",
-    "expert_layer_workspace",
-    "expert_layer_workspace_bytes",
-    "expert_layers",
     "linear",
     "linear_gated_residual",
     "linear_gelu_mul",

@@ -3,8 +3,7 @@ signatures, same semantics, fp32 arithmetic. They run wherever torch runs and ar
 oracle of the kernels' GPU tests. They do not validate; call them through
 `flashrt_core.ops.expert`, which does.
 
-Semantics shared with the kernels (cuda_src/small_m_linear.cu, decode_attention.cu,
-expert_layer.cu):
+Semantics shared with the kernels (cuda_src/small_m_linear.cu, decode_attention.cu):
 - Prologue: x (bf16 or fp32) -> fp32 -> optional RMS / adaRMS norm -> rounded to bf16.
   That bf16 tensor is what the dot products see (as cuBLAS would in the unfused path).
 - acc = prologue(x) @ W^T in fp32, W widened exactly from bf16 or FP8 E4M3; FP8 weights
@@ -14,14 +13,10 @@ expert_layer.cu):
   `expert.pack_qkv_rope`); the twins unpack the accumulator columns.
 - Attention: softmax(q k^T * scale + bias) v in fp32; a query row whose keys are all
   masked (-inf) is zero.
-- A whole expert layer (`expert_layers`) is the composition of the five ops above, so
-  q, k, v, the attention output and gelu(gate) * up are rounded to bf16 where the five
-  calls store them, and the residual after each of its two updates.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -69,64 +64,6 @@ class AttentionLaunch:
     splits: int = 0
     rows_per_block: int = 0
     pdl: bool = False
-
-
-@dataclass(frozen=True)
-class ExpertLayerWeights:
-    """One expert layer's GEMM weights, bf16, in the kernels' row order: qkv =
-    pack_qkv_rope(q, k, v, D) [(Hq + 2 Hkv) * D, width], o [width, Hq * D], gate_up =
-    pack_gate_up(gate, up) [2F, width], down [width, F]."""
-
-    qkv: torch.Tensor
-    o: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
-
-
-@dataclass(frozen=True)
-class ExpertLayerInputs:
-    """What differs between the layers of one `expert_layers` launch: weights, the input
-    and post-attention norms (RmsNorm for Pi0, AdaRmsNorm of the step for Pi0.5), the
-    residual gates after attention and after the MLP (None: 1) and the layer's KV cache
-    [S_max, Hkv, D]."""
-
-    weights: ExpertLayerWeights
-    norm_in: RmsNorm | AdaRmsNorm
-    gate_in: torch.Tensor | None
-    norm_post: RmsNorm | AdaRmsNorm
-    gate_post: torch.Tensor | None
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-
-
-@dataclass(frozen=True)
-class ExpertLayerLaunch:
-    """Launch shape of expert_layer (kernel path only; 0 = automatic).
-
-    pdl: programmatic dependent launch (the producer warps stream weights while the
-    previous kernel drains). cooperative: launch as a cooperative kernel (the runtime
-    then guarantees that every block is resident, which the grid barriers need).
-    ring_slots (2..5) / in_flight: weight tiles buffered / requested ahead per block;
-    attn_chunk: keys per attention work unit (multiple of 32); grid: blocks.
-    merge_lanes (1, 2, 4, 8; 0 = 4): threads merging one attention output quad (the
-    merge order, so the last bits, depend on it). sc_fences: grid barrier and split-K
-    counters behind full fences instead of release / acquire (bit-identical). prefetch:
-    norm vectors, gates and key bias into L2 at the start, K / V a layer ahead
-    (bit-identical). trace (profiling): an int64 CUDA tensor of grid x layers x 24
-    entries that receives, per block and layer, clock64 at the start and after each
-    phase and barrier (12), the cycles each GEMV phase waited for weights (4), then
-    clock64 when each GEMV phase had x staged (4) and had consumed its items (4)."""
-
-    pdl: bool = False
-    cooperative: bool = True
-    ring_slots: int = 0
-    in_flight: int = 0
-    attn_chunk: int = 0
-    grid: int = 0
-    merge_lanes: int = 0
-    sc_fences: bool = False
-    prefetch: bool = True
-    trace: torch.Tensor | None = None
 
 
 def pair_order(rows: int) -> torch.Tensor:
@@ -217,50 +154,13 @@ def decode_attention(q, k, v, *, bias=None, scale=None, out=None, launch=None):
     return _write(y, out)
 
 
-def expert_layers(res, layers: Sequence[ExpertLayerInputs], *, cos, sin, positions, cache_offset, key_bias, keys,
-                  q_scale, attn_scale=1.0, workspace=None, stop_after_kv=False, launch=None):
-    """Expert layers on the residual res [M, width] (bf16, in place), each the five
-    small-M ops: QKV + RoPE + KV-cache write at cache_offset, attention over cache rows
-    [0, keys) with key_bias [keys], o_proj with the gated residual, the post norm's
-    GeGLU MLP and down with the gated residual. stop_after_kv: the last layer only
-    writes its K / V. Returns res."""
-    del workspace, launch
-    m = res.shape[0]
-    for index, layer in enumerate(layers):
-        w = layer.weights
-        q = linear_qkv_rope(res, w.qkv, norm=layer.norm_in, cos=cos, sin=sin, positions=positions,
-                            k_cache=layer.k_cache, v_cache=layer.v_cache, cache_offset=cache_offset, q_scale=q_scale)
-        if stop_after_kv and index == len(layers) - 1:
-            break
-        attn = decode_attention(q, layer.k_cache[:keys], layer.v_cache[:keys], bias=key_bias, scale=attn_scale)
-        linear_gated_residual(attn.reshape(m, -1), w.o, res, gate=layer.gate_in)
-        h = linear_gelu_mul(res, w.gate_up, norm=layer.norm_post)
-        linear_gated_residual(h, w.down, res, gate=layer.gate_post)
-    return res
-
-
-def expert_layer(res, layer: ExpertLayerWeights, *, norm_in, gate_in, norm_post, gate_post, cos, sin, positions,
-                 k_cache, v_cache, cache_offset, key_bias, keys, q_scale, attn_scale=1.0, workspace=None,
-                 stop_after_kv=False, launch=None):
-    """One expert layer (expert_layers of one layer). Returns res."""
-    inputs = ExpertLayerInputs(layer, norm_in, gate_in, norm_post, gate_post, k_cache, v_cache)
-    return expert_layers(res, [inputs], cos=cos, sin=sin, positions=positions, cache_offset=cache_offset,
-                         key_bias=key_bias, keys=keys, q_scale=q_scale, attn_scale=attn_scale, workspace=workspace,
-                         stop_after_kv=stop_after_kv, launch=launch)
-
-
 __all__ = [
     "AdaRmsNorm",
     "AttentionLaunch",
-    "ExpertLayerInputs",
-    "ExpertLayerLaunch",
-    "ExpertLayerWeights",
     "LinearLaunch",
     "RmsNorm",
     "accumulate",
     "decode_attention",
-    "expert_layer",
-    "expert_layers",
     "linear",
     "linear_gated_residual",
     "linear_gelu_mul",
