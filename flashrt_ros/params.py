@@ -90,6 +90,12 @@ POLICY_PARAMETERS: tuple[Param, ...] = (
           "After this many failed engine calls in a row (each skips its tick) the node "
           "deactivates itself, publishing the hold. A dead CUDA context deactivates it "
           "at the first failure.", min=1, max=1000),
+    Param("gil_switch_interval_ms", FLOAT, 0.5,
+          "While active: CPython's thread switch interval (sys.setswitchinterval). When "
+          "the GPU work of a tick ends, the inference thread waits up to this long for "
+          "the GIL held by another thread (camera conversion, executor); CPython's 5 ms "
+          "default is a quarter of a 50 Hz period. Restored on deactivate.",
+          min=0.05, max=10.0),
     Param("diagnostics_period", FLOAT, 1.0,
           "Seconds between /diagnostics messages.", min=0.05, max=60.0, read_only=True),
 )

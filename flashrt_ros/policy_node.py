@@ -239,6 +239,7 @@ class PolicyNode(LifecycleNode):
         self._sequence = 0
         self.health = PolicyHealth()
         self.gc_pauses = GcPauses()  # collections while active
+        self._switch_interval_before: float | None = None  # CPython's, restored on leaving active
         self._last_skip_log: dict[str, float] = {}
         # Under a multi-threaded executor inputs, ticks and ~/predict may overlap: every
         # callback is short or waits on the engine lock, never on another callback.
@@ -314,6 +315,9 @@ class PolicyNode(LifecycleNode):
         self._clear_fault()
         rate_hz = parameter_value(self, "rate_hz")
         _freeze_heap()
+        if self._switch_interval_before is None:
+            self._switch_interval_before = sys.getswitchinterval()
+        sys.setswitchinterval(parameter_value(self, "gil_switch_interval_ms") / 1e3)
         self.gc_pauses.start()
         self._active = True
         self._timer = self.create_timer(1.0 / rate_hz, self._on_tick,
@@ -341,7 +345,7 @@ class PolicyNode(LifecycleNode):
 
     def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._active = False
-        self.gc_pauses.stop()
+        self._leave_realtime()
         self._destroy_timer()
         self._release_engine()
         return TransitionCallbackReturn.SUCCESS
@@ -486,7 +490,7 @@ class PolicyNode(LifecycleNode):
         """Stop ticking, let a running inference finish, then publish the hold."""
         self._active = False
         self._destroy_timer()
-        self.gc_pauses.stop()
+        self._leave_realtime()
         got_engine = self._engine_lock.acquire(timeout=ENGINE_WAIT_S)
         if not got_engine:
             self.get_logger().error(
@@ -496,6 +500,14 @@ class PolicyNode(LifecycleNode):
         finally:
             if got_engine:
                 self._release_engine_lock()
+
+    def _leave_realtime(self) -> None:
+        """Undo what activation set up for the realtime loop: the GC monitor and the
+        thread switch interval (process-wide; other code in the process keeps CPython's)."""
+        self.gc_pauses.stop()
+        if self._switch_interval_before is not None:
+            sys.setswitchinterval(self._switch_interval_before)
+            self._switch_interval_before = None
 
     def _publish_hold(self) -> None:
         """Hold the robot where it is: a one-point trajectory to the newest measured

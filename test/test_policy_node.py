@@ -3,6 +3,7 @@ data flow, message content, joint-limit clamp, diagnostics, every lifecycle tran
 
 import gc
 import shutil
+import sys
 import weakref
 
 import numpy as np
@@ -152,6 +153,20 @@ def test_shutdown_from_unconfigured_and_inactive(make_graph, state):
         assert graph.policy.trigger_configure() == SUCCESS
     assert graph.policy.trigger_shutdown() == SUCCESS
     assert lifecycle_state(graph.policy) == "finalized" and graph.policy._engine is None
+
+
+def test_activation_shortens_the_gil_switch_interval_and_deactivation_restores_it(make_graph):
+    before = sys.getswitchinterval()
+    graph = make_graph(parameters={"gil_switch_interval_ms": 0.25})
+    assert graph.policy.trigger_configure() == SUCCESS
+    assert sys.getswitchinterval() == before  # process-wide: only while the node runs
+    assert graph.policy.trigger_activate() == SUCCESS
+    assert sys.getswitchinterval() == pytest.approx(0.25e-3)
+    assert graph.policy.trigger_deactivate() == SUCCESS
+    assert sys.getswitchinterval() == before
+    assert graph.policy.trigger_activate() == SUCCESS
+    assert graph.policy.trigger_shutdown() == SUCCESS  # leaving active by shutdown restores it too
+    assert sys.getswitchinterval() == before
 
 
 def test_diagnostics_report_rate_latency_and_skips(make_graph):
