@@ -14,8 +14,9 @@ and the node's own figures (flashrt_ros.diagnostics): inference latency (wall ti
 the engine's predict call) and observation -> publish (header stamp of the newest
 input to the chunk's publication, node clock). The consumer adds observation ->
 receive: the same stamp to the chunk's arrival at the robot, DDS transport included
-(both processes read the same system clock). Percentiles are over the last 200 chunks
-(the node's diagnostics window). The garbage collector's pauses while the node was
+(both processes read the same system clock); the inference's phases (Policy.predict's
+preprocess / model / postprocess, then the node's publishing). Percentiles are over the
+whole run (RUN_WINDOW samples; /diagnostics covers the newest 200). The garbage collector's pauses while the node was
 active (flashrt_ros/gc_pauses.py): collections per generation, pause percentiles and
 longest, and the time of each pause of 1 ms or more beside the time of each skipped
 tick (seconds since activation), to tell whether a skip followed a collection.
@@ -39,7 +40,7 @@ import numpy as np
 from rclpy.node import Node
 
 from flashrt_ros import launcher
-from flashrt_ros.diagnostics import RollingWindow
+from flashrt_ros.diagnostics import INFERENCE_PHASES, RollingWindow
 from flashrt_ros.gc_pauses import SLOW_PAUSE_S
 from flashrt_ros.params import POLICY_NODE_NAME
 
@@ -51,6 +52,9 @@ IMAGE_HEIGHT, IMAGE_WIDTH = 240, 320   # not the model's 224x224: the engine res
 ROBOT_MODES = ("auto", "own-process", "same-process")
 ROBOT_WHERE = {"own-process": "its own process", "same-process": "the node's process"}
 CONNECT_TIMEOUT_S = 60.0  # for the robot to start and match the node's topics
+# Latency samples the demo's percentiles cover: a whole run (ten minutes at 100 Hz), not
+# the node's default window of the newest 200 that /diagnostics reports.
+RUN_WINDOW = 60_000
 _SPAWN = multiprocessing.get_context("spawn")  # never fork a process running DDS threads
 
 
@@ -145,7 +149,7 @@ class ChunkConsumer(Node):
         self._lock = threading.Lock()
         self._newest = None
         self._received = 0
-        self._receive_latency = RollingWindow()  # the node's window size: comparable figures
+        self._receive_latency = RollingWindow(RUN_WINDOW)  # the whole run, as the node's figures
         self._subscription = self.create_subscription(
             ActionChunk, f"{policy_name}/action_chunk", self._keep, 10)
         self.create_timer(1.0, self._print)
@@ -309,6 +313,8 @@ def results(policy, active_since: float, active_seconds: float, consumer: dict, 
     out.update(_percentiles_ms("observation_to_publish", health.observation_latency))
     out["late_starts"] = health.late_starts  # ticks that waited for the previous inference
     out.update(_percentiles_ms("late_start", health.late_start_delay))
+    for name, window in health.phases.items():
+        out.update(_percentiles_ms(f"{name}", window))
     out.update({k: v for k, v in consumer.items() if k.startswith("observation_to_receive")})
     out.update(gc_results(policy.gc_pauses, health, active_since))
     return out
@@ -355,6 +361,10 @@ def summary(numbers: dict) -> str:
     reasons = ", ".join(f"{reason}: {n}" for reason, n in
                         sorted(skipped.items(), key=lambda item: -item[1]))
     lines.append(f"skipped ticks: {sum(skipped.values())}" + (f" ({reasons})" if reasons else ""))
+    if numbers["model_p50_ms"] is not None:
+        lines.append("inference phases p50 / p99: " + ", ".join(
+            f"{name} {numbers[f'{name}_p50_ms']:.2f} / {numbers[f'{name}_p99_ms']:.2f} ms"
+            for name in INFERENCE_PHASES))
     if numbers["late_starts"]:
         lines.append(f"ticks started late (waited for the previous inference): {numbers['late_starts']}, "
                      f"delay p50 {numbers['late_start_p50_ms']:.1f} ms, p99 {numbers['late_start_p99_ms']:.1f} ms")
@@ -391,7 +401,7 @@ def main(duration: float = 10.0, model: str = "pi05", checkpoint: str | None = N
           f"(robot in {ROBOT_WHERE[robot]}), "
           f"policy at {rate_hz:g} Hz, prompt {DEMO_PROMPT!r}; {duration:g} s or Ctrl-C", flush=True)
     with launcher.ros_process() as stop:
-        policy = PolicyNode(POLICY_NODE_NAME,
+        policy = PolicyNode(POLICY_NODE_NAME, health_window=RUN_WINDOW,
                             parameter_overrides=launcher.parameter_overrides(overrides))
         policy_name = policy.get_fully_qualified_name()
         try:

@@ -20,6 +20,8 @@ import numpy as np
 
 OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
 SKIP_TIMES_KEPT = 1000
+# Policy.predict's timing keys, then the node's publishing after it.
+INFERENCE_PHASES = ("preprocess", "model", "postprocess", "publish")
 
 
 class RollingWindow:
@@ -55,6 +57,9 @@ class PolicyHealth:
         self.inference_latency = RollingWindow(latency_window)
         self.observation_latency = RollingWindow(latency_window)
         self.late_start_delay = RollingWindow(latency_window)
+        # Where an inference's time goes (Policy.predict's own split) and the publishing
+        # after it: to tell a slow GPU call from host work or waiting for the GIL.
+        self.phases = {name: RollingWindow(latency_window) for name in INFERENCE_PHASES}
         self.late_starts = 0  # ticks that waited for the previous inference to end
         self.published = 0
         self.skipped: collections.Counter = collections.Counter()
@@ -85,6 +90,13 @@ class PolicyHealth:
             self._publish_times.append(now)
             self.inference_latency.add(inference_s)
             self.observation_latency.add(observation_to_publish_s)
+
+    def record_phases(self, seconds: dict[str, float]) -> None:
+        """Durations of one tick's phases (keys of INFERENCE_PHASES; others ignored)."""
+        with self._lock:
+            for name, value in seconds.items():
+                if name in self.phases:
+                    self.phases[name].add(value)
 
     def record_late_start(self, delay_s: float) -> None:
         """A tick fired during an inference and started `delay_s` later, when it ended."""
@@ -131,6 +143,8 @@ class PolicyHealth:
                 "ticks started late": str(self.late_starts),
                 "late start p99 [ms]": _ms(self.late_start_delay.percentile(99)),
             }
+            for name, window in self.phases.items():
+                values[f"{name} p99 [ms]"] = _ms(window.percentile(99))
             for reason, count in sorted(self.skipped.items()):
                 values[f"skipped: {reason}"] = str(count)
             last_details = dict(self._last_skip_detail)

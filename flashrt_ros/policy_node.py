@@ -218,7 +218,9 @@ class ConfigurationError(ValueError):
 class PolicyNode(LifecycleNode):
     """Lifecycle node running a flashrt_core policy (see the module docstring)."""
 
-    def __init__(self, node_name: str = params.POLICY_NODE_NAME, **kwargs):
+    def __init__(self, node_name: str = params.POLICY_NODE_NAME, *, health_window: int = 200, **kwargs):
+        """health_window: latency samples the percentiles on /diagnostics cover (the
+        newest ones; a benchmark run passes its whole length)."""
         super().__init__(node_name, **kwargs)
         declare_parameters(self)
         self.add_on_set_parameters_callback(self._check_parameters)
@@ -237,7 +239,7 @@ class PolicyNode(LifecycleNode):
         self._timer = None
         self._prompt = parameter_value(self, "prompt")
         self._sequence = 0
-        self.health = PolicyHealth()
+        self.health = PolicyHealth(latency_window=health_window)
         self.gc_pauses = GcPauses()  # collections while active
         self._switch_interval_before: float | None = None  # CPython's, restored on leaving active
         self._last_skip_log: dict[str, float] = {}
@@ -663,6 +665,7 @@ class PolicyNode(LifecycleNode):
             raise SkippedTick("inference error", describe_error(error)) from None
         engine.failures.reset()
         inference_s = time.monotonic() - started
+        self.health.record_phases(result.timing)
         actions = np.asarray(result.actions, dtype=np.float32)
         if not np.isfinite(actions).all():
             bad = int(np.size(actions) - np.isfinite(actions).sum())
@@ -710,6 +713,7 @@ class PolicyNode(LifecycleNode):
             sequence=sequence, inference_time=inference_s, observation_age=age_s)
 
     def _publish(self, engine: _Engine, actions, stamp_ns, inference_s, age_s) -> None:
+        started = time.monotonic()
         engine.chunk_publisher.publish(
             self._chunk(engine, actions, stamp_ns, inference_s, age_s, self._sequence))
         self._sequence += 1
@@ -719,6 +723,7 @@ class PolicyNode(LifecycleNode):
                 joint_names=engine.trajectory_joints, step_dt=parameter_value(self, "action_dt"),
                 with_velocities=engine.trajectory_velocities))
         published_ns = self.get_clock().now().nanoseconds
+        self.health.record_phases({"publish": time.monotonic() - started})
         self.health.record_published(inference_s, (published_ns - stamp_ns) * 1e-9)
 
     def _record_skip(self, skipped: SkippedTick) -> None:

@@ -43,6 +43,12 @@ def test_demo_prints_chunks_and_a_summary(flashrt_ros_command, tiny_checkpoint, 
     assert numbers["rate_hz"] > 0 and numbers["target_hz"] == 20.0
     assert isinstance(numbers["skipped"], dict)
     assert numbers["late_starts"] >= 0 and (numbers["late_start_p50_ms"] is None) == (numbers["late_starts"] == 0)
+    # Where an inference's time went: predict's own phases (they add up to at most the
+    # inference wall time), then publishing.
+    for phase in ("preprocess", "model", "postprocess", "publish"):
+        assert 0 < numbers[f"{phase}_p50_ms"] <= numbers[f"{phase}_p99_ms"], phase
+    assert numbers["model_p50_ms"] <= numbers["inference_p50_ms"]
+    assert re.search(r"inference phases p50 / p99: preprocess [\d.]+ / [\d.]+ ms, model", out)
     # Garbage collector pauses while active, and when slow ones and skips happened.
     collections = [numbers[f"gc_collections_gen{g}"] for g in range(3)]
     assert all(n >= 0 for n in collections)
