@@ -90,7 +90,7 @@ POLICY_PARAMETERS: tuple[Param, ...] = (
           "After this many failed engine calls in a row (each skips its tick) the node "
           "deactivates itself, publishing the hold. A dead CUDA context deactivates it "
           "at the first failure.", min=1, max=1000),
-    Param("gil_switch_interval_ms", FLOAT, 0.5,
+    Param("gil_switch_interval_ms", FLOAT, 1.0,
           "While active: CPython's thread switch interval (sys.setswitchinterval). When "
           "the GPU work of a tick ends, the inference thread waits up to this long for "
           "the GIL held by another thread (camera conversion, executor); CPython's 5 ms "

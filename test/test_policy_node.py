@@ -4,6 +4,8 @@ data flow, message content, joint-limit clamp, diagnostics, every lifecycle tran
 import gc
 import shutil
 import sys
+import threading
+import time
 import weakref
 
 import numpy as np
@@ -153,6 +155,30 @@ def test_shutdown_from_unconfigured_and_inactive(make_graph, state):
         assert graph.policy.trigger_configure() == SUCCESS
     assert graph.policy.trigger_shutdown() == SUCCESS
     assert lifecycle_state(graph.policy) == "finalized" and graph.policy._engine is None
+
+
+def test_chunks_queued_for_publishing_at_deactivation_are_dropped_and_the_hold_comes_last(make_graph):
+    """Publishing runs on its own thread: ticks that finished inference while it was
+    stuck are queued there; deactivating then must drop them and send the hold after."""
+    graph = make_graph()
+    node, recorder = graph.policy, graph.recorder
+    activate(graph)
+    assert wait_until(lambda: len(recorder.snapshot().chunks) >= 2, timeout=20)
+    stuck = threading.Event()
+    node._publisher_thread.submit(stuck.wait, 20)
+    published = node.health.published
+    assert wait_until(lambda: node._publisher_thread._work_queue.qsize() >= 2, timeout=20)  # ticks ran
+
+    deactivating = threading.Thread(target=lambda: node.trigger_deactivate())
+    deactivating.start()
+    time.sleep(0.3)  # deactivate now waits behind the queued chunks
+    stuck.set()
+    deactivating.join(timeout=30)
+    assert not deactivating.is_alive() and lifecycle_state(node) == "inactive"
+    assert node.health.published == published  # the queued chunks were not published
+    assert wait_until(lambda: len(recorder.snapshot().trajectories[-1].points) == 1, timeout=5)
+    count = len(recorder.snapshot().trajectories)
+    assert not wait_until(lambda: len(recorder.snapshot().trajectories) > count, timeout=0.5)
 
 
 def test_activation_shortens_the_gil_switch_interval_and_deactivation_restores_it(make_graph):
