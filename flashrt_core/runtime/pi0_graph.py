@@ -441,7 +441,6 @@ class PiGraphRuntime:
         ops.images_to_patches(s.images, vc.patch_size, out=s.patches)
         w.patch_embed(s.patches, out=s.v_o)
         s.v_res.view(s.views, vc.num_patches, vc.width).copy_(w.patch_bias)
-        heads = vc.num_heads
         for layer in w.vision_layers:
             # residual += previous output (layer 0: the patch embedding onto bias + position)
             ops.add_layer_norm(s.v_o, s.v_res, *layer["ln1"], out=s.v_h)
