@@ -71,7 +71,9 @@ Publishing: the engine thread hands each chunk to a publisher thread and is free
 the next tick at once; building and publishing the messages (0.55 ms p50, 5-7 ms p99
 on the H100 box, where other threads hold the GIL) stays off the inference cycle. One
 publisher thread keeps the order, and the hold of a deactivation goes through it
-after every chunk queued before (those are dropped: the node is no longer active).
+after every chunk queued before (those are dropped: the node is no longer active). A
+chunk with a newer one queued behind it is dropped too (skipped as 'publish lag'): a
+publisher that falls behind sends the newest chunk, not a backlog of stale ones.
 """
 
 from __future__ import annotations
@@ -245,6 +247,7 @@ class PolicyNode(LifecycleNode):
         self._timer = None
         self._prompt = parameter_value(self, "prompt")
         self._sequence = 0
+        self._chunks_handed = 0  # chunks the engine thread gave the publisher thread
         self.health = PolicyHealth(latency_window=health_window)
         self.gc_pauses = GcPauses()  # collections while active
         self._switch_interval_before: float | None = None  # CPython's, restored on leaving active
@@ -644,8 +647,9 @@ class PolicyNode(LifecycleNode):
                 engine, [samples[t].message.image(t) for t in engine.camera_topics],
                 samples[engine.joint_state_topic].message, self._prompt)
             if self._active:
+                self._chunks_handed += 1
                 self._publisher_thread.submit(self._publish_chunk, engine, actions, observation.stamp_ns,
-                                              inference_s, observation.age_s)
+                                              inference_s, observation.age_s, self._chunks_handed)
         except SkippedTick as skipped:
             self._record_skip(skipped)
         except Exception as error:  # noqa: BLE001 - nothing else sees this thread's errors
@@ -723,10 +727,15 @@ class PolicyNode(LifecycleNode):
             names=engine.action_names, step_dt=parameter_value(self, "action_dt"),
             sequence=sequence, inference_time=inference_s, observation_age=age_s)
 
-    def _publish_chunk(self, engine: _Engine, actions, stamp_ns, inference_s, age_s) -> None:
+    def _publish_chunk(self, engine: _Engine, actions, stamp_ns, inference_s, age_s, number: int) -> None:
         """On the publisher thread: one tick's chunk, unless the node left active (the
-        hold is queued behind this) or released that engine since the tick ran."""
+        hold is queued behind this) or released that engine since the tick ran, or a
+        newer chunk is already waiting: a publisher that fell behind sends the newest
+        chunk, never a backlog of stale ones (each dropped one is a skipped tick)."""
         if not self._active or self._engine is not engine:
+            return
+        if number != self._chunks_handed:
+            self._record_skip(SkippedTick("publish lag", "a newer chunk was ready before this one went out"))
             return
         try:
             self._publish(engine, actions, stamp_ns, inference_s, age_s)

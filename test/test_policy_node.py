@@ -181,6 +181,27 @@ def test_chunks_queued_for_publishing_at_deactivation_are_dropped_and_the_hold_c
     assert not wait_until(lambda: len(recorder.snapshot().trajectories) > count, timeout=0.5)
 
 
+def test_a_publisher_that_fell_behind_sends_the_newest_chunk_not_the_backlog(make_graph):
+    graph = make_graph()
+    node, recorder = graph.policy, graph.recorder
+    activate(graph)
+    assert wait_until(lambda: len(recorder.snapshot().chunks) >= 2, timeout=20)
+    stuck = threading.Event()
+    node._publisher_thread.submit(stuck.wait, 20)
+    published = node.health.published
+    assert wait_until(lambda: node._publisher_thread._work_queue.qsize() >= 3, timeout=20)
+    stuck.set()
+    assert wait_until(lambda: node.health.published > published, timeout=10)
+    newest = node._chunks_handed
+    assert wait_until(lambda: node._publisher_thread._work_queue.qsize() == 0, timeout=10)
+    assert node.health.skipped["publish lag"] >= 2  # the backlog was dropped...
+    # ...and what went out right after the stall was at most one chunk per tick since.
+    assert node.health.published - published <= node._chunks_handed - newest + 1
+    sequences = [chunk.sequence for chunk in recorder.snapshot().chunks]
+    assert sequences == sorted(sequences)
+    assert graph.policy.trigger_deactivate() == SUCCESS
+
+
 def test_activation_shortens_the_gil_switch_interval_and_deactivation_restores_it(make_graph):
     before = sys.getswitchinterval()
     graph = make_graph(parameters={"gil_switch_interval_ms": 0.25})
