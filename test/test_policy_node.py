@@ -157,17 +157,25 @@ def test_shutdown_from_unconfigured_and_inactive(make_graph, state):
     assert lifecycle_state(graph.policy) == "finalized" and graph.policy._engine is None
 
 
+def stall_publisher(graph, queued: int):
+    """Activate, then block the node's publisher thread until `queued` ticks' chunks wait
+    behind it; returns (the event that releases it, chunks published before)."""
+    node = graph.policy
+    activate(graph)
+    assert wait_until(lambda: len(graph.recorder.snapshot().chunks) >= 2, timeout=20)
+    stuck = threading.Event()
+    node._publisher_thread.submit(stuck.wait, 20)
+    published = node.health.published
+    assert wait_until(lambda: node._publisher_thread._work_queue.qsize() >= queued, timeout=20)  # ticks ran
+    return stuck, published
+
+
 def test_chunks_queued_for_publishing_at_deactivation_are_dropped_and_the_hold_comes_last(make_graph):
     """Publishing runs on its own thread: ticks that finished inference while it was
     stuck are queued there; deactivating then must drop them and send the hold after."""
     graph = make_graph()
     node, recorder = graph.policy, graph.recorder
-    activate(graph)
-    assert wait_until(lambda: len(recorder.snapshot().chunks) >= 2, timeout=20)
-    stuck = threading.Event()
-    node._publisher_thread.submit(stuck.wait, 20)
-    published = node.health.published
-    assert wait_until(lambda: node._publisher_thread._work_queue.qsize() >= 2, timeout=20)  # ticks ran
+    stuck, published = stall_publisher(graph, queued=2)
 
     deactivating = threading.Thread(target=lambda: node.trigger_deactivate())
     deactivating.start()
@@ -184,12 +192,7 @@ def test_chunks_queued_for_publishing_at_deactivation_are_dropped_and_the_hold_c
 def test_a_publisher_that_fell_behind_sends_the_newest_chunk_not_the_backlog(make_graph):
     graph = make_graph()
     node, recorder = graph.policy, graph.recorder
-    activate(graph)
-    assert wait_until(lambda: len(recorder.snapshot().chunks) >= 2, timeout=20)
-    stuck = threading.Event()
-    node._publisher_thread.submit(stuck.wait, 20)
-    published = node.health.published
-    assert wait_until(lambda: node._publisher_thread._work_queue.qsize() >= 3, timeout=20)
+    stuck, published = stall_publisher(graph, queued=3)
     stuck.set()
     assert wait_until(lambda: node.health.published > published, timeout=10)
     newest = node._chunks_handed
