@@ -319,26 +319,28 @@ def test_engine_errors_and_non_finite_actions_are_never_published(make_graph):
 
 def test_tick_during_running_inference_waits_for_it(make_graph):
     """An inference that overruns its period delays the next tick instead of losing it."""
-    graph, policy, real_predict = publishing_policy(make_graph, {"rate_hz": 20.0})
+    # 10 Hz: the tiny model's own inference (20-35 ms on a busy 2-core machine) stays a
+    # third of the period, so only the injected overruns make ticks late.
+    graph, policy, real_predict = publishing_policy(make_graph, {"rate_hz": 10.0})
     calls = []
 
     def every_third_overruns(**kwargs):  # ~1.3 periods every third call, else normal
         calls.append(1)
         if len(calls) % 3 == 0:
-            time.sleep(0.045)
+            time.sleep(0.13)
         return real_predict(**kwargs)
 
     health = graph.policy.health
     busy_before, published_before, late_before = skips(graph, "busy"), chunks(graph), health.late_starts
     policy.predict = every_third_overruns
-    assert wait_until(lambda: len(calls) >= 30, timeout=20)
+    assert wait_until(lambda: len(calls) >= 30, timeout=30)
     policy.predict = real_predict
     # The old rule (skip a tick that finds the engine busy) lost one tick per overrun: 10.
     assert skips(graph, "busy") - busy_before <= 1
     assert chunks(graph) - published_before >= 28
-    # ... which now start late instead, by less than the overrun (45 ms + an inference)
+    # ... which now start late instead, by less than the overrun (130 ms + an inference)
     assert health.late_starts - late_before >= 8
-    assert 0 < health.late_start_delay.percentile(50) < 0.1
+    assert 0 < health.late_start_delay.percentile(50) < 0.13
 
 
 def test_ticks_do_not_pile_up_behind_a_slow_engine(make_graph):
