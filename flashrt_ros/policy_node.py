@@ -83,6 +83,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -512,7 +513,12 @@ class PolicyNode(LifecycleNode):
         try:
             # Behind every chunk already handed to the publisher thread (dropped: the
             # node is no longer active), so the hold is the last trajectory sent.
-            self._publisher_thread.submit(self._publish_hold).result(timeout=ENGINE_WAIT_S)
+            hold = self._publisher_thread.submit(self._publish_hold)
+            try:
+                hold.result(timeout=ENGINE_WAIT_S)
+            except FutureTimeout:
+                self.get_logger().error(
+                    f"publisher thread stuck for {ENGINE_WAIT_S:g} s: the hold may not have been published")
         finally:
             if got_engine:
                 self._release_engine_lock()
