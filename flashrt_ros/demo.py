@@ -11,15 +11,16 @@ handling) competes for the GIL with the engine thread and adds to every tick.
 
 Numbers (summary and --json): chunks published, achieved rate, skipped ticks by reason,
 and the node's own figures (flashrt_ros.diagnostics): inference latency (wall time of
-the engine's predict call) and observation -> publish (header stamp of the newest
-input to the chunk's publication, node clock). The consumer adds observation ->
-receive: the same stamp to the chunk's arrival at the robot, DDS transport included
-(both processes read the same system clock); the inference's phases (Policy.predict's
-preprocess / model / postprocess, then the node's publishing). Percentiles are over the
-whole run (RUN_WINDOW samples; /diagnostics covers the newest 200). The garbage collector's pauses while the node was
-active (flashrt_ros/gc_pauses.py): collections per generation, pause percentiles and
-longest, and the time of each pause of 1 ms or more beside the time of each skipped
-tick (seconds since activation), to tell whether a skip followed a collection.
+the engine's predict call) and its phases (Policy.predict's preprocess / model /
+postprocess, then the node's publishing), and observation -> publish (header stamp of
+the newest input to the chunk's publication, node clock). The consumer adds
+observation -> receive: the same stamp to the chunk's arrival at the robot, DDS
+transport included (both processes read the same system clock). Percentiles are over
+the whole run (the node keeps RUN_WINDOW samples; its /diagnostics still reports the
+newest DIAGNOSTICS_WINDOW). The garbage collector's pauses while the node was active
+(flashrt_ros/gc_pauses.py): collections per generation, pause percentiles and longest,
+and the time of each pause of 1 ms or more beside the time of each skipped tick
+(seconds since activation), to tell whether a skip followed a collection.
 
 Everything is real ROS 2 (rclpy over DDS) and the real engine; only the robot and the
 checkpoint's weights are synthetic.
@@ -39,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from rclpy.node import Node
 
-from flashrt_ros import launcher
+from flashrt_ros import conversions, launcher
 from flashrt_ros.diagnostics import INFERENCE_PHASES, RollingWindow
 from flashrt_ros.gc_pauses import SLOW_PAUSE_S
 from flashrt_ros.params import POLICY_NODE_NAME
@@ -159,7 +160,7 @@ class ChunkConsumer(Node):
 
     def _keep(self, chunk) -> None:
         received_ns = self.get_clock().now().nanoseconds
-        stamp_ns = chunk.header.stamp.sec * 1_000_000_000 + chunk.header.stamp.nanosec
+        stamp_ns = conversions.stamp_to_ns(chunk.header.stamp)
         with self._lock:
             self._newest = chunk
             self._received += 1
@@ -314,7 +315,7 @@ def results(policy, active_since: float, active_seconds: float, consumer: dict, 
     out["late_starts"] = health.late_starts  # ticks that waited for the previous inference
     out.update(_percentiles_ms("late_start", health.late_start_delay))
     for name, window in health.phases.items():
-        out.update(_percentiles_ms(f"{name}", window))
+        out.update(_percentiles_ms(name, window))
     out.update({k: v for k, v in consumer.items() if k.startswith("observation_to_receive")})
     out.update(gc_results(policy.gc_pauses, health, active_since))
     return out

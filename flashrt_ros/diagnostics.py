@@ -12,6 +12,7 @@ pauses (flashrt_ros/gc_pauses.py).
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 OK, WARN, ERROR = 0, 1, 2  # diagnostic_msgs/DiagnosticStatus levels
+# Samples each /diagnostics percentile covers (the newest), however many the node keeps:
+# a report's cost stays the same over a long run.
+DIAGNOSTICS_WINDOW = 200
 SKIP_TIMES_KEPT = 1000
 # Policy.predict's timing keys, then the node's publishing after it.
 INFERENCE_PHASES = ("preprocess", "model", "postprocess", "publish")
@@ -27,16 +31,18 @@ INFERENCE_PHASES = ("preprocess", "model", "postprocess", "publish")
 class RollingWindow:
     """The last `size` values of a series, with percentiles."""
 
-    def __init__(self, size: int = 200):
+    def __init__(self, size: int = DIAGNOSTICS_WINDOW):
         self._values = collections.deque(maxlen=size)
 
     def add(self, value: float) -> None:
         self._values.append(value)
 
-    def percentile(self, q: float) -> float | None:
+    def percentile(self, q: float, newest: int | None = None) -> float | None:
+        """q-th percentile of the values kept, or of only the `newest` ones."""
         if not self._values:
             return None
-        return float(np.percentile(np.fromiter(self._values, float), q))
+        values = self._values if newest is None else itertools.islice(reversed(self._values), newest)
+        return float(np.percentile(np.fromiter(values, float), q))
 
 
 @dataclass
@@ -50,7 +56,7 @@ class PolicyHealth:
     """Figures of one policy node. Times for rate and inference latency are host
     monotonic seconds; observation-to-publish latency is on the node clock."""
 
-    def __init__(self, rate_window_s: float = 5.0, latency_window: int = 200):
+    def __init__(self, rate_window_s: float = 5.0, latency_window: int = DIAGNOSTICS_WINDOW):
         self._lock = threading.Lock()
         self._rate_window_s = rate_window_s
         self._publish_times = collections.deque()
@@ -135,16 +141,16 @@ class PolicyHealth:
                 "state": "active" if active else "inactive",
                 "chunks published": str(self.published),
                 "rate [Hz]": f"{rate:.2f}",
-                "inference latency p50 [ms]": _ms(self.inference_latency.percentile(50)),
-                "inference latency p99 [ms]": _ms(self.inference_latency.percentile(99)),
-                "observation to publish p50 [ms]": _ms(self.observation_latency.percentile(50)),
-                "observation to publish p99 [ms]": _ms(self.observation_latency.percentile(99)),
+                "inference latency p50 [ms]": _ms(self.inference_latency.percentile(50, DIAGNOSTICS_WINDOW)),
+                "inference latency p99 [ms]": _ms(self.inference_latency.percentile(99, DIAGNOSTICS_WINDOW)),
+                "observation to publish p50 [ms]": _ms(self.observation_latency.percentile(50, DIAGNOSTICS_WINDOW)),
+                "observation to publish p99 [ms]": _ms(self.observation_latency.percentile(99, DIAGNOSTICS_WINDOW)),
                 "skipped ticks": str(sum(self.skipped.values())),
                 "ticks started late": str(self.late_starts),
-                "late start p99 [ms]": _ms(self.late_start_delay.percentile(99)),
+                "late start p99 [ms]": _ms(self.late_start_delay.percentile(99, DIAGNOSTICS_WINDOW)),
             }
             for name, window in self.phases.items():
-                values[f"{name} p99 [ms]"] = _ms(window.percentile(99))
+                values[f"{name} p99 [ms]"] = _ms(window.percentile(99, DIAGNOSTICS_WINDOW))
             for reason, count in sorted(self.skipped.items()):
                 values[f"skipped: {reason}"] = str(count)
             last_details = dict(self._last_skip_detail)

@@ -101,7 +101,8 @@ from rclpy.time import Time
 
 from flashrt_ros import conversions, params
 from flashrt_ros.conversions import ConversionError
-from flashrt_ros.diagnostics import PolicyHealth, diagnostic_status, gpu_free_memory, gpu_memory
+from flashrt_ros.diagnostics import (DIAGNOSTICS_WINDOW, PolicyHealth, diagnostic_status, gpu_free_memory,
+                                     gpu_memory)
 from flashrt_ros.engine_faults import EngineFailures, EngineFault, describe_error
 from flashrt_ros.gc_pauses import GcPauses
 from flashrt_ros.observation import CameraFrame, ObservationBuffer, Sample, SkippedTick
@@ -170,10 +171,6 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
-def _stamp_ns(stamp) -> int:
-    return stamp.sec * 1_000_000_000 + stamp.nanosec
-
-
 def camera_frame(msg, image_size: tuple[int, int]) -> CameraFrame:
     """A camera message converted for the model (see Threading in the module docstring):
     RGB resized with pad to `image_size` (height, width). Never raises: a message that
@@ -227,9 +224,10 @@ class ConfigurationError(ValueError):
 class PolicyNode(LifecycleNode):
     """Lifecycle node running a flashrt_core policy (see the module docstring)."""
 
-    def __init__(self, node_name: str = params.POLICY_NODE_NAME, *, health_window: int = 200, **kwargs):
-        """health_window: latency samples the percentiles on /diagnostics cover (the
-        newest ones; a benchmark run passes its whole length)."""
+    def __init__(self, node_name: str = params.POLICY_NODE_NAME, *, health_window: int = DIAGNOSTICS_WINDOW,
+                 **kwargs):
+        """health_window: latency samples kept (a benchmark run keeps its whole length);
+        /diagnostics reports the newest DIAGNOSTICS_WINDOW of them either way."""
         super().__init__(node_name, **kwargs)
         declare_parameters(self)
         self.add_on_set_parameters_callback(self._check_parameters)
@@ -470,10 +468,10 @@ class PolicyNode(LifecycleNode):
         image_size = tuple(engine.spec.image_size)
 
         def store(stream):
-            return lambda msg: buffer.put(stream, _stamp_ns(msg.header.stamp), msg)
+            return lambda msg: buffer.put(stream, conversions.stamp_to_ns(msg.header.stamp), msg)
 
         def store_frame(topic):
-            return lambda msg: buffer.put(topic, _stamp_ns(msg.header.stamp),
+            return lambda msg: buffer.put(topic, conversions.stamp_to_ns(msg.header.stamp),
                                           camera_frame(msg, image_size))
 
         for topic in engine.camera_topics:
@@ -800,7 +798,7 @@ class PolicyNode(LifecycleNode):
             response.message = str(failed)
             return response
         now_ns = self.get_clock().now().nanoseconds
-        stamp_ns = max([s.stamp_ns for s in cameras] + [_stamp_ns(joint_message.header.stamp)])
+        stamp_ns = max([s.stamp_ns for s in cameras] + [conversions.stamp_to_ns(joint_message.header.stamp)])
         stamp_ns = stamp_ns or now_ns  # unstamped request: observation time is now
         response.chunk = self._chunk(engine, actions, stamp_ns, inference_s,
                                      max(0.0, (now_ns - stamp_ns) * 1e-9), sequence=0)
@@ -819,7 +817,7 @@ class PolicyNode(LifecycleNode):
             raise SkippedTick(
                 "bad request", f"expected {len(engine.camera_topics)} images (one per "
                 f"camera_topics entry), got {len(given)}")
-        return [Sample(_stamp_ns(msg.header.stamp), camera_frame(msg, engine.spec.image_size))
+        return [Sample(conversions.stamp_to_ns(msg.header.stamp), camera_frame(msg, engine.spec.image_size))
                 for msg in given]
 
     @staticmethod
