@@ -185,12 +185,14 @@ class Policy:
         log.info("loaded %s from %s: %s backend, %s, %s; norm stats %s", config.variant, path, backend,
                  self.device, precision, self.norm.source)
         self._calibration_file = None
+        self._calibration_source = None
         if precision == "fp8":
             from .runtime.precision import calibration_file, checkpoint_fingerprint, load_calibration
             self._calibration_file = calibration_file(checkpoint_fingerprint(path), f"{config.variant}_v{num_views}")
             cached = load_calibration(self._calibration_file)
             if cached is not None:
                 self._backend.calibrate(amax=cached)
+                self._calibration_source = "cache"
                 log.info("FP8 calibration from %s", self._calibration_file)
         self._capture_graphs()
 
@@ -245,16 +247,40 @@ class Policy:
         """FP8 only: no calibration yet (neither cached nor measured)."""
         return self.spec.precision == "fp8" and not self._backend.fp8_ready
 
+    @property
+    def calibration_source(self) -> str | None:
+        """Where the FP8 activation scales in use come from: "cache" (loaded from the
+        on-disk cache at load), "observations" (measured by calibrate(), and cached),
+        "provisional" (predict's automatic calibration on its first observation, not
+        cached), or None (not fp8, or not calibrated yet)."""
+        return self._calibration_source
+
+    @property
+    def calibration_file(self) -> Path | None:
+        """Where calibrate() caches the FP8 scales of this checkpoint and view count (fp8 only)."""
+        return self._calibration_file
+
     def calibrate(self, observations) -> None:
         """Measure FP8 activation scales on representative observations (dicts with images,
         state, prompt, as predict takes) and cache them for this checkpoint and view count.
-        Real camera frames give better scales than synthetic ones; 8 or more is a good start."""
+        Real camera frames give better scales than synthetic ones; 8 or more is a good start.
+
+        All or nothing: the backend zeroes its ranges before measuring, so if a forward
+        fails part-way the scales in use before the call are put back (an uncalibrated
+        model stays uncalibrated) and the error is raised."""
         if self.spec.precision != "fp8":
             raise FlashRTError("calibrate() applies to precision 'fp8'")
         inputs = [self._backend_inputs(o["images"], o["state"], o["prompt"], seed=0)[0] for o in observations]
         if not inputs:
             raise InputError("calibrate() needs at least one observation")
-        amax = self._backend.calibrate(inputs)
+        previous = None if self.needs_calibration else self._backend.calibration()
+        try:
+            amax = self._backend.calibrate(inputs)
+        except BaseException:
+            if previous is not None:
+                self._backend.calibrate(amax=previous)
+            raise
+        self._calibration_source = "observations"
         from .runtime.precision import save_calibration
         save_calibration(self._calibration_file, amax)
         log.info("FP8 calibrated on %d observations; cached in %s", len(inputs), self._calibration_file)
@@ -273,6 +299,7 @@ class Policy:
             log.warning("FP8 is not calibrated for this checkpoint: calibrating on this one observation "
                         "(not cached); call Policy.calibrate() with real frames for lasting scales")
             self._backend.calibrate([inputs])
+            self._calibration_source = "provisional"
             self._capture_graphs()
         prepared = time.perf_counter()
 
