@@ -43,6 +43,13 @@ POLICY_PARAMETERS: tuple[Param, ...] = (
     Param("precision", STRING, "auto",
           "'auto' (bf16 on GPU, fp32 on CPU), 'fp32', 'bf16' or 'fp8'.",
           choices=("auto", "fp32", "bf16", "fp8"), read_only=True),
+    Param("fp8_calibrate_on_activation", BOOL, True,
+          "FP8 only. When the activation scales are provisional (no cached calibration for "
+          "this checkpoint and camera count, so configure's warm-up measured them on a blank "
+          "frame), activation measures them on the live observation (cameras, joint state, "
+          "prompt) before the first tick and caches them. Costs about one eager forward (a "
+          "few hundred ms at full size on a GPU). An incomplete or stale observation, or an "
+          "empty prompt, leaves them provisional until the next activation."),
     Param("num_steps", INT, 0,
           "Flow-matching integration steps; 0 uses the checkpoint's default (10).",
           min=0, max=100, read_only=True),

@@ -14,7 +14,10 @@ Interface (DESIGN.md §3; parameters in flashrt_ros/params.py):
 
 Lifecycle: configure loads and warms the engine and creates the interfaces (outputs
 inactive); activate starts the inference timer; deactivate stops it and publishes a
-hold; cleanup closes the engine; shutdown works from any state.
+hold; cleanup closes the engine; shutdown works from any state. FP8 without a cached
+calibration: the warm-up's blank frame gives provisional activation scales, and
+activation first measures them on the live observation and caches them
+(fp8_calibrate_on_activation).
 
 Threading: subscriptions keep the newest sample per stream. A camera frame is
 converted as it arrives (decoded, made RGB, resized with pad to the model's image size:
@@ -185,6 +188,23 @@ def camera_frame(msg, image_size: tuple[int, int]) -> CameraFrame:
         return CameraFrame(error=describe_error(error))
 
 
+def joint_state(engine: "_Engine", message) -> np.ndarray:
+    """The state vector (engine.joint_names, in order) of a JointState message; raises
+    SkippedTick('bad joint state')."""
+    try:
+        return conversions.joint_positions(message, engine.joint_names)
+    except ConversionError as error:
+        raise SkippedTick("bad joint state", str(error)) from None
+
+
+def model_inputs(engine: "_Engine", observation) -> tuple[list, np.ndarray]:
+    """A synchronized observation as the engine takes it: the camera images in view order
+    and the state; raises SkippedTick for a bad image or joint state."""
+    samples = observation.samples
+    images = [samples[t].message.image(t) for t in engine.camera_topics]
+    return images, joint_state(engine, samples[engine.joint_state_topic].message)
+
+
 @dataclass
 class _Engine:
     """Everything configure creates and cleanup destroys."""
@@ -327,6 +347,7 @@ class PolicyNode(LifecycleNode):
             self.get_logger().error(f"not activating: {fault.reason}; {fault.advice}")
             return TransitionCallbackReturn.FAILURE
         self._clear_fault()
+        self._calibrate_fp8_on_live_observation(self._engine)
         rate_hz = parameter_value(self, "rate_hz")
         _freeze_heap()
         if self._switch_interval_before is None:
@@ -338,6 +359,41 @@ class PolicyNode(LifecycleNode):
                                         callback_group=self._tick_group)
         self.get_logger().info(f"active: inference at {rate_hz:g} Hz")
         return super().on_activate(state)
+
+    def _calibrate_fp8_on_live_observation(self, engine: _Engine) -> None:
+        """FP8 with provisional scales (measured by configure's warm-up on a blank frame):
+        measure them on the newest observation, as a tick would take it, and cache them
+        (fp8_calibrate_on_activation). Never fails the activation: without a usable
+        observation, or if calibrating fails (the previous scales are then kept), the
+        provisional scales run, behind the same tick checks as any others."""
+        if (engine.spec.precision != "fp8" or not parameter_value(self, "fp8_calibrate_on_activation")
+                or engine.policy.calibration_source != "provisional"):
+            return
+        log = self.get_logger()
+        try:
+            observation = engine.buffer.snapshot(
+                self.get_clock().now().nanoseconds,
+                parameter_value(self, "max_observation_age"),
+                parameter_value(self, "max_observation_skew"))
+            images, state = model_inputs(engine, observation)
+            prompt = self._prompt
+            if not prompt.strip():
+                raise SkippedTick("empty prompt", "set the 'prompt' parameter or publish on ~/prompt")
+            if not self._engine_lock.acquire(timeout=ENGINE_WAIT_S):
+                raise SkippedTick("busy", f"engine still busy after {ENGINE_WAIT_S:g} s")
+            try:
+                started = time.monotonic()
+                self._on_engine_thread(engine.policy.calibrate,
+                                       [{"images": images, "state": state, "prompt": prompt}])
+            finally:
+                self._release_engine_lock()
+        except Exception as error:  # noqa: BLE001 - activation goes on with the provisional scales
+            reason = str(error) if isinstance(error, SkippedTick) else describe_error(error)
+            log.warning(f"FP8 not calibrated on the live observation ({reason}): the scales stay "
+                        "provisional (blank warm-up frame) until the next activation")
+            return
+        log.info(f"FP8 calibrated on the live observation in {time.monotonic() - started:.2f} s; "
+                 f"cached in {engine.policy.calibration_file}")
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._stop_and_hold()
@@ -646,10 +702,8 @@ class PolicyNode(LifecycleNode):
     def _run_tick(self, engine: _Engine, observation) -> None:
         """On the engine thread: inference and publishing for one tick."""
         try:
-            samples = observation.samples
-            actions, inference_s = self._infer(
-                engine, [samples[t].message.image(t) for t in engine.camera_topics],
-                samples[engine.joint_state_topic].message, self._prompt)
+            images, state = model_inputs(engine, observation)
+            actions, inference_s = self._infer(engine, images, state, self._prompt)
             if self._active:
                 self._chunks_handed += 1
                 self._publisher_thread.submit(self._publish_chunk, engine, actions, observation.stamp_ns,
@@ -661,16 +715,12 @@ class PolicyNode(LifecycleNode):
         finally:
             self._release_engine_lock()
 
-    def _infer(self, engine: _Engine, images, joint_message, prompt: str):
-        """Run the engine on converted images and a raw joint state; returns (clamped
+    def _infer(self, engine: _Engine, images, state, prompt: str):
+        """Run the engine on converted images and the state vector; returns (clamped
         actions, seconds) or raises SkippedTick. Runs on the engine thread; the caller
         holds the engine lock."""
         from flashrt_core.errors import PromptError
 
-        try:
-            state = conversions.joint_positions(joint_message, engine.joint_names)
-        except ConversionError as error:
-            raise SkippedTick("bad joint state", str(error)) from None
         seed = parameter_value(self, "noise_seed")
         started = time.monotonic()
         try:
@@ -783,6 +833,7 @@ class PolicyNode(LifecycleNode):
             joint_message = request.joint_state
             if not joint_message.name:
                 joint_message = self._newest(engine, engine.joint_state_topic).message
+            state = joint_state(engine, joint_message)
             prompt = request.prompt or self._prompt
             if not self._engine_lock.acquire(timeout=ENGINE_WAIT_S):
                 raise SkippedTick("busy", f"engine still busy after {ENGINE_WAIT_S:g} s")
@@ -790,7 +841,7 @@ class PolicyNode(LifecycleNode):
                 if self._engine is not engine:
                     raise SkippedTick("inference error", "engine released during the request")
                 actions, inference_s = self._on_engine_thread(
-                    self._infer, engine, images, joint_message, prompt)
+                    self._infer, engine, images, state, prompt)
             finally:
                 self._release_engine_lock()
         except SkippedTick as failed:
