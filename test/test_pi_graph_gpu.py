@@ -119,3 +119,23 @@ def test_vision_fast_paths_match_the_plain_ops(full_model):
     assert torch.isfinite(tokens).all()
     assert cosine(tokens, plain) > 0.9999
     assert (tokens.float() - plain).norm() / plain.norm() < 2e-2
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_expert_the_kernels_do_not_take_runs_on_the_gemm_path(precision):
+    """A tiny expert (head_dim 16, width 32): the small-M kernels do not take it, and their
+    twins read the KV-cache offset on the host, which a graph capture forbids. So "auto"
+    picks the GEMM path, whose graph captures and matches the reference, and asking for
+    the small-M path is refused with the reason."""
+    config = synthetic.synthetic_config("pi05", "tiny")
+    weights = synthetic.random_state_dict(config, seed=4, device="cuda", dtype=torch.bfloat16)
+    reference = PiModel.from_state_dict(config, weights, device="cuda", dtype=torch.float32)
+    fast = PiGraphRuntime.from_state_dict(config, weights, device="cuda", precision=precision)
+    assert not fast.w.fused_expert
+    obs = synthetic.random_observation(config, 2, 9, seed=5)
+    if precision == "fp8":
+        fast.calibrate([obs])
+    fast.prepare(2)
+    assert cosine(fast.sample_actions(*obs), reference.sample_actions(*obs).cpu()) >= COSINE_GATE[precision]
+    with pytest.raises(ValueError, match="do not take this expert"):
+        PiGraphRuntime.from_state_dict(config, weights, device="cuda", precision="bf16", expert_path="small_m")

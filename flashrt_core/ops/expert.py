@@ -53,13 +53,13 @@ def pack_gate_up(gate_w: torch.Tensor, up_w: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"pack_gate_up: need two [F, K] weights with F % 8 == 0, got {tuple(gate_w.shape)} "
                          f"and {tuple(up_w.shape)}")
     both = torch.cat([gate_w, up_w])
-    return both[pair_order(both.shape[0]).to(both.device)]
+    return both[pair_order(both.shape[0], both.device)]
 
 
 def unpack_gate_up(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of pack_gate_up."""
     natural = torch.empty_like(packed)
-    natural[pair_order(packed.shape[0]).to(packed.device)] = packed
+    natural[pair_order(packed.shape[0], packed.device)] = packed
     return natural.chunk(2)
 
 
@@ -72,14 +72,14 @@ def pack_qkv_rope(q_w: torch.Tensor, k_w: torch.Tensor, v_w: torch.Tensor, head_
     if k_w.shape != v_w.shape or not q_w.shape[1] == k_w.shape[1]:
         raise ValueError("pack_qkv_rope: k and v must have one shape and q, k, v one input width")
     heads = torch.cat([q_w, k_w, v_w]).view(-1, head_dim, q_w.shape[1])
-    return heads[:, pair_order(head_dim).to(heads.device)].reshape(-1, q_w.shape[1])
+    return heads[:, pair_order(head_dim, heads.device)].reshape(-1, q_w.shape[1])
 
 
 def unpack_qkv_rope(packed: torch.Tensor, head_dim: int, num_kv_heads: int):
     """Inverse of pack_qkv_rope: (q_w, k_w, v_w)."""
     heads = packed.view(-1, head_dim, packed.shape[1])
     natural = torch.empty_like(heads)
-    natural[:, pair_order(head_dim).to(packed.device)] = heads
+    natural[:, pair_order(head_dim, packed.device)] = heads
     kv = num_kv_heads * head_dim
     return natural.reshape(-1, packed.shape[1]).split([packed.shape[0] - 2 * kv, kv, kv])
 
@@ -181,6 +181,25 @@ def _kernel_module(*tensors: torch.Tensor | None):
     if any(t.device != device or t.data_ptr() % 16 for t in present):
         return None
     return module
+
+
+def layer_runs_on_kernels(rows: int, width: int, mlp_dim: int, num_heads: int, num_kv_heads: int,
+                          head_dim: int, device: torch.device) -> bool:
+    """Whether every op of an expert layer over `rows` tokens (bf16 weights, norm
+    prologues) takes its kernel on `device`. A runtime captured as a CUDA graph needs
+    that: the twins read the KV-cache offset on the host, which a capture forbids."""
+    if device.type != "cuda" or not kernels_enabled():
+        return False
+    module = kernels.module()
+    if (not hasattr(module, "small_m_linear") or not kernels.device_supported(device.index)
+            or rows > MAX_KERNEL_M or head_dim != 256):
+        return False
+    bf16 = int(kernels.dtype_code(torch.bfloat16))
+    ada = _PROLOGUE[AdaRmsNorm]
+    gemms = (((num_heads + 2 * num_kv_heads) * head_dim, width, ada), (width, num_heads * head_dim, 0),
+             (2 * mlp_dim, width, ada), (width, mlp_dim, 0))
+    return all(module.small_m_linear_supported(m=rows, n=n, k=k, w_dtype=bf16, prologue=prologue)
+               for n, k, prologue in gemms)
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:

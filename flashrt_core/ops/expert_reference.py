@@ -66,12 +66,13 @@ class AttentionLaunch:
     pdl: bool = False
 
 
-def pair_order(rows: int) -> torch.Tensor:
+def pair_order(rows: int, device=None) -> torch.Tensor:
     """Packed row p holds natural row order[p]: blocks of 16 packed rows pair natural
     rows [8t, 8t + 8) with [rows/2 + 8t, rows/2 + 8t + 8), so that row j and its
     partner j + rows/2 land 8 rows apart, in one lane of the kernel's MMA tile.
-    GeGLU: gate | up rows (pack_gate_up); RoPE: dims d | d + D/2 of a head."""
-    half = torch.arange(rows // 2).view(-1, 8)
+    GeGLU: gate | up rows (pack_gate_up); RoPE: dims d | d + D/2 of a head. Built on
+    `device`: no host-to-device copy, so a twin can run inside a CUDA graph capture."""
+    half = torch.arange(rows // 2, device=device).view(-1, 8)
     return torch.stack([half, half + rows // 2], dim=1).flatten()
 
 
@@ -79,7 +80,7 @@ def unpack_columns(acc: torch.Tensor, rows: int) -> torch.Tensor:
     """Last-dim groups of `rows` columns in pair_order(rows) -> natural order."""
     packed = acc.reshape(*acc.shape[:-1], -1, rows)
     natural = torch.empty_like(packed)
-    natural[..., pair_order(rows).to(acc.device)] = packed
+    natural[..., pair_order(rows, acc.device)] = packed
     return natural.flatten(-2)
 
 

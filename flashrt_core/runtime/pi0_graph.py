@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import kernels, ops
+from .. import ops
 from ..errors import ImageError
 from ..ops import expert as expert_ops
 from ..ops.expert_reference import AdaRmsNorm, AttentionLaunch, LinearLaunch, RmsNorm
@@ -365,14 +365,20 @@ class PiGraphRuntime:
         if precision == "fp8" and device.type != "cpu" and not fp8_capable(device):
             raise ValueError(f"fp8 needs a GPU of compute capability 8.9 or newer, not {device}")
         dtype = COMPUTE_DTYPES[precision]
+        rows = config.action_horizon + (0 if config.pi05 else 1)
+        ec = config.expert
+        on_kernels = device.type == "cuda" and expert_ops.layer_runs_on_kernels(
+            rows, ec.width, ec.mlp_dim, ec.num_heads, ec.num_kv_heads, ec.head_dim, device)
         if expert_path == "auto":
-            kernels_run = device.type == "cuda" and kernels.available() and kernels.device_supported(device.index)
-            short = config.action_horizon + (0 if config.pi05 else 1) <= SMALL_M_MAX_ROWS
-            expert_path = "small_m" if dtype == torch.bfloat16 and kernels_run and short else "gemm"
+            short = rows <= SMALL_M_MAX_ROWS
+            expert_path = "small_m" if dtype == torch.bfloat16 and on_kernels and short else "gemm"
         if expert_path not in ("small_m", "gemm"):
             raise ValueError(f"expert_path must be auto, small_m or gemm, got {expert_path!r}")
         if expert_path == "small_m" and dtype != torch.bfloat16:
             raise ValueError("the small-M expert kernels take bf16 activations (precision bf16 or fp8)")
+        if expert_path == "small_m" and device.type == "cuda" and not on_kernels:
+            raise ValueError(f"the small-M expert kernels do not take this expert ({rows} tokens, width "
+                             f"{ec.width}, head_dim {ec.head_dim}) on {device}: use expert_path 'gemm'")
         started = time.perf_counter()
         weights = _Weights(config, dict(state_dict), device, dtype, fused_expert=expert_path == "small_m")
         log.info("graph runtime: weights prepared on %s (%s) in %.1f s", device, precision,
