@@ -48,8 +48,9 @@ POLICY_PARAMETERS: tuple[Param, ...] = (
           "this checkpoint and camera count, so configure's warm-up measured them on a blank "
           "frame), activation measures them on the live observation (cameras, joint state, "
           "prompt) before the first tick and caches them. Costs about one eager forward (a "
-          "few hundred ms at full size on a GPU). An incomplete or stale observation, or an "
-          "empty prompt, leaves them provisional until the next activation."),
+          "few hundred ms at full size on a GPU), plus up to 1 s waiting for a stream that "
+          "has sent nothing yet. An incomplete or stale observation, or an empty prompt, "
+          "leaves them provisional until the next activation."),
     Param("num_steps", INT, 0,
           "Flow-matching integration steps; 0 uses the checkpoint's default (10).",
           min=0, max=100, read_only=True),

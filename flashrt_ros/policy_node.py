@@ -117,6 +117,11 @@ OUTPUT_QOS = QoSProfile(depth=5, reliability=QoSReliabilityPolicy.RELIABLE,
 PROMPT_QOS = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
 SKIP_LOG_PERIOD_S = 5.0       # one warning per skip reason per period
 ENGINE_WAIT_S = 30.0          # how long ~/predict and deactivate wait for a running inference
+# FP8 calibration at activation waits this long for every input stream's first sample:
+# configure creates the subscriptions, so an activation right after it may come before
+# the first frames (a lifecycle service call blocks this node's executor thread, so
+# there nothing arrives meanwhile and the wait just ends).
+CALIBRATION_INPUT_WAIT_S = 1.0
 HOLD_ACK_WAIT_S = 1.0         # how long deactivate waits for subscribers to acknowledge the hold
 
 _PARAMETER_TYPES = {
@@ -371,10 +376,7 @@ class PolicyNode(LifecycleNode):
             return
         log = self.get_logger()
         try:
-            observation = engine.buffer.snapshot(
-                self.get_clock().now().nanoseconds,
-                parameter_value(self, "max_observation_age"),
-                parameter_value(self, "max_observation_skew"))
+            observation = self._first_observation(engine, CALIBRATION_INPUT_WAIT_S)
             images, state = model_inputs(engine, observation)
             prompt = self._prompt
             if not prompt.strip():
@@ -394,6 +396,21 @@ class PolicyNode(LifecycleNode):
             return
         log.info(f"FP8 calibrated on the live observation in {time.monotonic() - started:.2f} s; "
                  f"cached in {engine.policy.calibration_file}")
+
+    def _first_observation(self, engine: _Engine, wait_s: float):
+        """The newest observation; while a stream has sent nothing yet, poll for up to
+        `wait_s` (then raise that SkippedTick)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return engine.buffer.snapshot(
+                    self.get_clock().now().nanoseconds,
+                    parameter_value(self, "max_observation_age"),
+                    parameter_value(self, "max_observation_skew"))
+            except SkippedTick as skipped:
+                if not skipped.reason.startswith("missing ") or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.02)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._stop_and_hold()
