@@ -114,3 +114,35 @@ def test_malformed_params_file_says_what_is_wrong(tmp_path, text, message):
 def test_missing_params_file(tmp_path):
     with pytest.raises(UsageError, match="cannot read params file"):
         load_params_file(tmp_path / "absent.yaml")
+
+
+def _readme_parameter_rows() -> list[tuple[str, str, bool]]:
+    """(name, default cell, read-only) per parameter of README.md's parameter table; a row
+    naming several parameters gives one entry each."""
+    lines = (Path(__file__).parent.parent / "README.md").read_text().splitlines()
+    start = lines.index("| parameter | default | read-only | what |") + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        names, default, read_only = (cell.strip() for cell in line.strip("|").split("|")[:3])
+        for name in names.split(","):
+            rows.append((name.strip().strip("`"), default.strip("`"), read_only == "yes"))
+    return rows
+
+
+def _readme_default(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value or '""'
+    if isinstance(value, list):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def test_readme_parameter_table_matches_the_declarations():
+    """README.md lists every parameter once, in declaration order, with its default and
+    whether it is read-only: the table cannot drift from flashrt_ros/params.py."""
+    expected = [(p.name, _readme_default(p.default), p.read_only) for p in POLICY_PARAMETERS]
+    assert _readme_parameter_rows() == expected
