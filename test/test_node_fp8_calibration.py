@@ -4,6 +4,8 @@ on the live observation and caches them, or, without a usable observation or whe
 calibrating fails, activates anyway with the provisional ones. On the CPU through the
 graph runtime's CPU FP8 path (engine_checkpoints cpu_fp8); the main case also on a GPU."""
 
+import threading
+
 import pytest
 from engine_checkpoints import cpu_fp8  # noqa: F401 - fixture
 from policy_harness import (  # noqa: F401 - fixtures
@@ -12,6 +14,7 @@ from rclpy.lifecycle import TransitionCallbackReturn
 
 from flashrt_core.runtime.precision import Linear, load_calibration
 from flashrt_ros.launcher import lifecycle_state
+from flashrt_ros.policy_node import CALIBRATION_INPUT_WAIT_S
 
 pytestmark = pytest.mark.ros
 
@@ -101,6 +104,26 @@ def test_without_camera_frames_activation_keeps_the_provisional_scales_until_the
     robot.paused.clear()
     assert every_stream_received(graph)
     assert graph.policy.trigger_activate() == SUCCESS
+    assert policy.calibration_source == "observations" and policy.calibration_file.exists()
+
+
+def test_activation_waits_for_a_camera_that_starts_during_it(fp8_graph):
+    """Cameras silent at activation (as right after configure): activation waits up to
+    CALIBRATION_INPUT_WAIT_S for their first frames and calibrates on them."""
+    graph = fp8_graph(robot_rate_hz=0)
+    robot = graph.robot
+    robot.paused.update(CAMERAS)
+    robot.timer = robot.create_timer(1 / 30, robot.publish_all)
+    policy = configure_provisional(graph)
+    buffer = graph.policy._engine.buffer
+    assert wait_until(lambda: buffer.latest(robot.joint_topic) is not None, timeout=10)
+    assert CALIBRATION_INPUT_WAIT_S >= 0.6
+    cameras_start = threading.Timer(0.2, robot.paused.clear)
+    cameras_start.start()
+    try:
+        assert graph.policy.trigger_activate() == SUCCESS
+    finally:
+        cameras_start.join()
     assert policy.calibration_source == "observations" and policy.calibration_file.exists()
 
 
