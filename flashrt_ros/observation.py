@@ -33,6 +33,8 @@ SKIP_REASONS = (
     "bad prompt",            # the engine refused a non-empty prompt
     "inference error",       # detail: the engine's exception
     "non-finite actions",
+    "publish lag",           # a newer chunk was ready before this one went out: only the newest is sent
+    "fp8 calibration",       # the tick measured the FP8 scales (activation had no usable observation)
 )
 # ~/predict answers with the same type; it adds 'bad request' (images given twice or
 # the wrong number of them).

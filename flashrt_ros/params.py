@@ -49,8 +49,10 @@ POLICY_PARAMETERS: tuple[Param, ...] = (
           "frame), activation measures them on the live observation (cameras, joint state, "
           "prompt) before the first tick and caches them. Costs about one eager forward (a "
           "few hundred ms at full size on a GPU), plus up to 1 s waiting for a stream that "
-          "has sent nothing yet. An incomplete or stale observation, or an empty prompt, "
-          "leaves them provisional until the next activation."),
+          "has sent nothing yet. Without a usable observation or a prompt then, the first "
+          "tick that has them measures the scales instead of inferring (a skipped tick, "
+          "'fp8 calibration'); a failed calibration keeps them provisional until the next "
+          "activation."),
     Param("num_steps", INT, 0,
           "Flow-matching integration steps; 0 uses the checkpoint's default (10).",
           min=0, max=100, read_only=True),

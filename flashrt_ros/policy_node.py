@@ -290,6 +290,8 @@ class PolicyNode(LifecycleNode):
         # Set on the engine thread when the engine must stop; see the module docstring.
         self._fault: EngineFault | None = None
         self._fault_guard = self.create_guard_condition(self._deactivate_after_fault)
+        # FP8: activation found no usable observation; the first tick that has one calibrates.
+        self._fp8_calibration_pending = False
 
     def _on_engine_thread(self, function, *args, **kwargs):
         """Run `function` on the engine thread and return its result (see the module
@@ -368,34 +370,60 @@ class PolicyNode(LifecycleNode):
     def _calibrate_fp8_on_live_observation(self, engine: _Engine) -> None:
         """FP8 with provisional scales (measured by configure's warm-up on a blank frame):
         measure them on the newest observation, as a tick would take it, and cache them
-        (fp8_calibrate_on_activation). Never fails the activation: without a usable
-        observation, or if calibrating fails (the previous scales are then kept), the
-        provisional scales run, behind the same tick checks as any others."""
+        (fp8_calibrate_on_activation). Never fails the activation. Without a complete
+        observation or a prompt yet, the first tick that has both measures them instead of
+        inferring (_calibrate_in_tick); a failed calibration keeps the provisional scales
+        (the previous ones are put back) until the next activation."""
+        self._fp8_calibration_pending = False
         if (engine.spec.precision != "fp8" or not parameter_value(self, "fp8_calibrate_on_activation")
                 or engine.policy.calibration_source != "provisional"):
             return
         log = self.get_logger()
         try:
-            observation = self._first_observation(engine, CALIBRATION_INPUT_WAIT_S)
-            images, state = model_inputs(engine, observation)
-            prompt = self._prompt
-            if not prompt.strip():
-                raise SkippedTick("empty prompt", "set the 'prompt' parameter or publish on ~/prompt")
+            images, state = model_inputs(engine, self._first_observation(engine, CALIBRATION_INPUT_WAIT_S))
+            prompt = self._calibration_prompt()
+        except SkippedTick as skipped:
+            self._fp8_calibration_pending = True
+            log.warning(f"FP8 scales still provisional (blank warm-up frame): {skipped}; the first tick "
+                        "with every input and a prompt measures them instead of inferring")
+            return
+        try:
             if not self._engine_lock.acquire(timeout=ENGINE_WAIT_S):
                 raise SkippedTick("busy", f"engine still busy after {ENGINE_WAIT_S:g} s")
             try:
-                started = time.monotonic()
-                self._on_engine_thread(engine.policy.calibrate,
-                                       [{"images": images, "state": state, "prompt": prompt}])
+                self._on_engine_thread(self._calibrate, engine, images, state, prompt)
             finally:
                 self._release_engine_lock()
         except Exception as error:  # noqa: BLE001 - activation goes on with the provisional scales
             reason = str(error) if isinstance(error, SkippedTick) else describe_error(error)
             log.warning(f"FP8 not calibrated on the live observation ({reason}): the scales stay "
                         "provisional (blank warm-up frame) until the next activation")
-            return
-        log.info(f"FP8 calibrated on the live observation in {time.monotonic() - started:.2f} s; "
-                 f"cached in {engine.policy.calibration_file}")
+
+    def _calibration_prompt(self) -> str:
+        if not self._prompt.strip():
+            raise SkippedTick("empty prompt", "set the 'prompt' parameter or publish on ~/prompt")
+        return self._prompt
+
+    def _calibrate(self, engine: _Engine, images, state, prompt: str) -> None:
+        """On the engine thread: measure and cache the FP8 scales on one observation."""
+        started = time.monotonic()
+        engine.policy.calibrate([{"images": images, "state": state, "prompt": prompt}])
+        self.get_logger().info(f"FP8 calibrated on the live observation in {time.monotonic() - started:.2f} s; "
+                               f"cached in {engine.policy.calibration_file}")
+
+    def _calibrate_in_tick(self, engine: _Engine, images, state) -> None:
+        """On the engine thread, a tick after an activation that found no usable observation:
+        calibrate instead of inferring (nothing is published for this tick), then raise the
+        SkippedTick that counts it. A failed calibration is not retried until the next
+        activation."""
+        prompt = self._calibration_prompt()
+        self._fp8_calibration_pending = False
+        try:
+            self._calibrate(engine, images, state, prompt)
+        except Exception as error:  # noqa: BLE001 - the node goes on with the provisional scales
+            self.get_logger().warning(f"FP8 not calibrated on the live observation ({describe_error(error)}): "
+                                      "the scales stay provisional until the next activation")
+        raise SkippedTick("fp8 calibration", "this tick measured the FP8 scales instead of inferring")
 
     def _first_observation(self, engine: _Engine, wait_s: float):
         """The newest observation; while a stream has sent nothing yet, poll for up to
@@ -720,6 +748,8 @@ class PolicyNode(LifecycleNode):
         """On the engine thread: inference and publishing for one tick."""
         try:
             images, state = model_inputs(engine, observation)
+            if self._fp8_calibration_pending:
+                self._calibrate_in_tick(engine, images, state)
             actions, inference_s = self._infer(engine, images, state, self._prompt)
             if self._active:
                 self._chunks_handed += 1

@@ -11,6 +11,7 @@ from engine_checkpoints import cpu_fp8  # noqa: F401 - fixture
 from policy_harness import (  # noqa: F401 - fixtures
     CAMERAS, action_names, joint_names, make_graph, tiny_checkpoint, tiny_spec, wait_until)
 from rclpy.lifecycle import TransitionCallbackReturn
+from rclpy.parameter import Parameter
 
 from flashrt_core.runtime.precision import Linear, load_calibration
 from flashrt_ros.launcher import lifecycle_state
@@ -86,7 +87,11 @@ def test_activation_calibrates_on_the_live_observation_and_caches_it(make_graph,
     assert policy.calibration_source == "observations" and scales(policy) == measured
 
 
-def test_without_camera_frames_activation_keeps_the_provisional_scales_until_the_next(fp8_graph):
+def test_without_camera_frames_the_first_complete_tick_calibrates(fp8_graph):
+    """No camera frame through activation (as under launch's autostart, whose lifecycle
+    service call holds the node's executor): activation keeps the provisional scales,
+    ticks skip for the missing cameras, and the first tick that has every input measures
+    the scales instead of inferring (counted as an 'fp8 calibration' skip); then chunks."""
     graph = fp8_graph(robot_rate_hz=0)
     robot = graph.robot
     robot.paused.update(CAMERAS)  # joint states arrive, camera frames do not
@@ -99,12 +104,11 @@ def test_without_camera_frames_activation_keeps_the_provisional_scales_until_the
     assert_active_and_still_provisional(graph, policy, blank)
     assert not graph.recorder.snapshot().chunks  # ticks skip: cameras missing
 
-    # The next activation, with every stream there, measures them.
-    assert graph.policy.trigger_deactivate() == SUCCESS
     robot.paused.clear()
-    assert every_stream_received(graph)
-    assert graph.policy.trigger_activate() == SUCCESS
-    assert policy.calibration_source == "observations" and policy.calibration_file.exists()
+    assert wait_until(lambda: policy.calibration_source == "observations", timeout=20)
+    assert scales(policy) != blank and load_calibration(policy.calibration_file) == scales(policy)
+    assert wait_until(lambda: len(graph.recorder.snapshot().chunks) >= 3, timeout=20)
+    assert graph.policy.health.skipped["fp8 calibration"] == 1
 
 
 def test_activation_waits_for_a_camera_that_starts_during_it(fp8_graph):
@@ -127,12 +131,18 @@ def test_activation_waits_for_a_camera_that_starts_during_it(fp8_graph):
     assert policy.calibration_source == "observations" and policy.calibration_file.exists()
 
 
-def test_with_an_empty_prompt_activation_keeps_the_provisional_scales(fp8_graph):
+def test_with_an_empty_prompt_the_first_tick_with_a_prompt_calibrates(fp8_graph):
     graph = fp8_graph(parameters={"prompt": ""})
     policy = configure_provisional(graph)
     blank = scales(policy)
     assert every_stream_received(graph)
     assert_active_and_still_provisional(graph, policy, blank)
+    assert wait_until(lambda: graph.policy.health.skipped["empty prompt"] >= 2, timeout=10)
+    assert policy.calibration_source == "provisional"
+
+    graph.policy.set_parameters([Parameter("prompt", value="pick up the cube")])
+    assert wait_until(lambda: policy.calibration_source == "observations", timeout=20)
+    assert wait_until(lambda: len(graph.recorder.snapshot().chunks) >= 3, timeout=20)
 
 
 def test_when_calibrating_fails_activation_goes_on_with_the_provisional_scales(fp8_graph):
