@@ -5,7 +5,6 @@
     result.actions  # float32 [horizon, action_dim], robot units
 """
 
-from . import synthetic
 from .errors import (CheckpointError, DeviceError, FlashRTError, ImageError, InputError, OutOfMemoryError,
                      PromptError, StateError, UnsupportedModelError)
 from .policy import Policy, load_policy
@@ -13,4 +12,4 @@ from .types import PolicyResult, PolicySpec
 
 __all__ = ["CheckpointError", "DeviceError", "FlashRTError", "ImageError", "InputError", "OutOfMemoryError",
            "Policy", "PolicyResult", "PolicySpec", "PromptError", "StateError", "UnsupportedModelError",
-           "load_policy", "synthetic"]
+           "load_policy"]
