@@ -188,7 +188,19 @@ def cmd_bench(argv: list[str]) -> int:
     return bench.main(argv)
 
 
+NODE_USAGE = f"""usage: {PROG} node [-h] [--ros-args ...]
+
+Spin one unconfigured policy node until SIGINT / SIGTERM (what the launch files run);
+launch or a lifecycle manager drives its transitions. Everything after --ros-args goes to
+ROS: remaps (-r __node:=NAME), parameters (-p NAME:=VALUE, --params-file FILE). The
+parameters are listed in README.md and config/<model>.yaml."""
+
+
 def cmd_node(argv: list[str]) -> int:
+    own = argv[:argv.index("--ros-args")] if "--ros-args" in argv else argv
+    if "-h" in own or "--help" in own:
+        print(NODE_USAGE)
+        return 0
     policy_node = _import("flashrt_ros.policy_node", "the policy node")
     return policy_node.main(argv)
 

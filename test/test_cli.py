@@ -135,6 +135,12 @@ def test_help_lists_the_subcommands(flashrt_ros_command):
         assert name in result.stdout
 
 
+def test_node_help_describes_the_node_and_starts_none(flashrt_ros_command):
+    result = flashrt_ros(flashrt_ros_command, "node", "--help")
+    assert result.returncode == 0
+    assert "--ros-args" in result.stdout and "unconfigured policy node" in result.stdout
+
+
 @pytest.mark.ros
 def test_node_subcommand_passes_ros_args_to_the_node(flashrt_ros_command, rclpy_context):
     """What launch files run: `flashrt-ros node --ros-args ...` spins a policy node
