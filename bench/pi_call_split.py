@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_common import require_cuda_and_kernels  # noqa: E402
 from flashrt_core import synthetic  # noqa: E402
 from flashrt_core.models.pi0 import PiConfig  # noqa: E402
 from flashrt_core.runtime.pi0_graph import PiGraphRuntime  # noqa: E402
@@ -32,6 +33,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=48)
     parser.add_argument("--iters", type=int, default=100)
     args = parser.parse_args(argv)
+    require_cuda_and_kernels("pi_call_split")
     device = torch.device("cuda")
     config = replace(PiConfig(variant=args.model), action_horizon=args.horizon)
     weights = synthetic.random_state_dict(config, seed=0, device=device, dtype=torch.bfloat16)

@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_common import require_cuda_and_kernels  # noqa: E402
 from flashrt_core import synthetic  # noqa: E402
 from flashrt_core.models.pi0 import PiConfig  # noqa: E402
 from flashrt_core.runtime.graphs import CapturedForward  # noqa: E402
@@ -34,6 +35,7 @@ def main(argv=None) -> None:
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args(argv)
+    require_cuda_and_kernels("pi_profile")
     config = replace(PiConfig(variant=args.model), action_horizon=args.horizon)
     weights = synthetic.random_state_dict(config, seed=0, device="cuda", dtype=torch.bfloat16)
     fast = PiGraphRuntime.from_state_dict(config, weights, device="cuda", precision=args.precision)

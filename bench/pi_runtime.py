@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_common import require_cuda_and_kernels  # noqa: E402
 from flashrt_core import synthetic  # noqa: E402
 from flashrt_core.models.pi0 import PiConfig, PiModel  # noqa: E402
 from flashrt_core.runtime.graphs import CapturedForward  # noqa: E402
@@ -196,8 +197,7 @@ def main(argv=None) -> None:
                         help="the runtime's expert path (default: its own choice by horizon)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("pi_runtime: needs a CUDA GPU")
+    require_cuda_and_kernels("pi_runtime")
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | CUDA {torch.version.cuda}", flush=True)
     rows = run(args)
     if args.json:
