@@ -298,6 +298,20 @@ class PolicyNode(LifecycleNode):
         docstring); the calling thread waits."""
         return self._engine_thread.submit(function, *args, **kwargs).result()
 
+    def _call_engine(self, engine: _Engine, function, *args):
+        """A one-off engine call outside the ticks (~/predict, calibration at activation):
+        `function` on the engine thread under the engine lock, after a running inference
+        (at most ENGINE_WAIT_S); raises SkippedTick when the engine stays busy or was
+        released meanwhile."""
+        if not self._engine_lock.acquire(timeout=ENGINE_WAIT_S):
+            raise SkippedTick("busy", f"engine still busy after {ENGINE_WAIT_S:g} s")
+        try:
+            if self._engine is not engine:
+                raise SkippedTick("inference error", "engine released during the request")
+            return self._on_engine_thread(function, *args)
+        finally:
+            self._release_engine_lock()
+
     def destroy_node(self):
         self._engine_thread.shutdown(wait=True)
         self._publisher_thread.shutdown(wait=True)
@@ -380,7 +394,7 @@ class PolicyNode(LifecycleNode):
             return
         log = self.get_logger()
         try:
-            images, state = model_inputs(engine, self._first_observation(engine, CALIBRATION_INPUT_WAIT_S))
+            images, state = model_inputs(engine, self._observation(engine, wait_s=CALIBRATION_INPUT_WAIT_S))
             prompt = self._calibration_prompt()
         except SkippedTick as skipped:
             self._fp8_calibration_pending = True
@@ -388,12 +402,7 @@ class PolicyNode(LifecycleNode):
                         "with every input and a prompt measures them instead of inferring")
             return
         try:
-            if not self._engine_lock.acquire(timeout=ENGINE_WAIT_S):
-                raise SkippedTick("busy", f"engine still busy after {ENGINE_WAIT_S:g} s")
-            try:
-                self._on_engine_thread(self._calibrate, engine, images, state, prompt)
-            finally:
-                self._release_engine_lock()
+            self._call_engine(engine, self._calibrate, engine, images, state, prompt)
         except Exception as error:  # noqa: BLE001 - activation goes on with the provisional scales
             reason = str(error) if isinstance(error, SkippedTick) else describe_error(error)
             log.warning(f"FP8 not calibrated on the live observation ({reason}): the scales stay "
@@ -425,9 +434,9 @@ class PolicyNode(LifecycleNode):
                                       "the scales stay provisional until the next activation")
         raise SkippedTick("fp8 calibration", "this tick measured the FP8 scales instead of inferring")
 
-    def _first_observation(self, engine: _Engine, wait_s: float):
-        """The newest observation; while a stream has sent nothing yet, poll for up to
-        `wait_s` (then raise that SkippedTick)."""
+    def _observation(self, engine: _Engine, wait_s: float = 0.0):
+        """The newest synchronized observation, or the SkippedTick saying why there is
+        none; while a stream has sent nothing yet, poll for up to `wait_s` first."""
         deadline = time.monotonic() + wait_s
         while True:
             try:
@@ -722,11 +731,7 @@ class PolicyNode(LifecycleNode):
             if engine is None or not self._active or self._fault is not None:
                 self._release_engine_lock()
                 return
-            observation = engine.buffer.snapshot(
-                self.get_clock().now().nanoseconds,
-                parameter_value(self, "max_observation_age"),
-                parameter_value(self, "max_observation_skew"))
-            self._engine_thread.submit(self._run_tick, engine, observation)
+            self._engine_thread.submit(self._run_tick, engine, self._observation(engine))
         except SkippedTick as skipped:
             self._release_engine_lock()
             self._record_skip(skipped)
@@ -882,15 +887,7 @@ class PolicyNode(LifecycleNode):
                 joint_message = self._newest(engine, engine.joint_state_topic).message
             state = joint_state(engine, joint_message)
             prompt = request.prompt or self._prompt
-            if not self._engine_lock.acquire(timeout=ENGINE_WAIT_S):
-                raise SkippedTick("busy", f"engine still busy after {ENGINE_WAIT_S:g} s")
-            try:
-                if self._engine is not engine:
-                    raise SkippedTick("inference error", "engine released during the request")
-                actions, inference_s = self._on_engine_thread(
-                    self._infer, engine, images, state, prompt)
-            finally:
-                self._release_engine_lock()
+            actions, inference_s = self._call_engine(engine, self._infer, engine, images, state, prompt)
         except SkippedTick as failed:
             response.success = False
             response.message = str(failed)

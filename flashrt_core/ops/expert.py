@@ -38,6 +38,7 @@ PARAM_DTYPES = (torch.float32, torch.bfloat16)
 X_DTYPES = (torch.float32, torch.bfloat16)
 W_DTYPES = (torch.bfloat16, FP8)
 MAX_KERNEL_M = 64
+ATTENTION_HEAD_DIM = 256  # the one head_dim decode_attention's kernel is built for
 
 # must match cuda_src/expert_launchers.h
 _PROLOGUE = {type(None): 0, RmsNorm: 1, AdaRmsNorm: 2}
@@ -169,16 +170,22 @@ def _check_rope(op: str, cos, sin, positions, cache_offset, m: int, head_dim: in
 # --- dispatch ------------------------------------------------------------------------
 
 
-def _kernel_module(*tensors: torch.Tensor | None):
-    """The extension module when these tensors can take the kernel path, else None."""
-    present = [t for t in tensors if t is not None]
-    device = present[0].device
+def _device_module(device: torch.device):
+    """The extension module when the expert kernels run on `device`, else None."""
     if device.type != "cuda" or not kernels_enabled():
         return None
     module = kernels.module()
     if not hasattr(module, "small_m_linear") or not kernels.device_supported(device.index):
         return None
-    if any(t.device != device or t.data_ptr() % 16 for t in present):
+    return module
+
+
+def _kernel_module(*tensors: torch.Tensor | None):
+    """The extension module when these tensors can take the kernel path, else None."""
+    present = [t for t in tensors if t is not None]
+    device = present[0].device
+    module = _device_module(device)
+    if module is None or any(t.device != device or t.data_ptr() % 16 for t in present):
         return None
     return module
 
@@ -188,11 +195,8 @@ def layer_runs_on_kernels(rows: int, width: int, mlp_dim: int, num_heads: int, n
     """Whether every op of an expert layer over `rows` tokens (bf16 weights, norm
     prologues) takes its kernel on `device`. A runtime captured as a CUDA graph needs
     that: the twins read the KV-cache offset on the host, which a capture forbids."""
-    if device.type != "cuda" or not kernels_enabled():
-        return False
-    module = kernels.module()
-    if (not hasattr(module, "small_m_linear") or not kernels.device_supported(device.index)
-            or rows > MAX_KERNEL_M or head_dim != 256):
+    module = _device_module(device)
+    if module is None or rows > MAX_KERNEL_M or head_dim != ATTENTION_HEAD_DIM:
         return False
     bf16 = int(kernels.dtype_code(torch.bfloat16))
     ada = _PROLOGUE[AdaRmsNorm]
@@ -391,7 +395,7 @@ def decode_attention(q, k, v, *, bias=None, scale=None, out=None, launch: Attent
     kv_stride = k.stride(0) if keys > 1 else num_kv_heads * head_dim
     kv_layout_ok = all(t.stride(2) == 1 and (t.stride(1) == head_dim or num_kv_heads == 1) for t in (k, v))
     kv_layout_ok = kv_layout_ok and kv_stride % 8 == 0 and (keys == 1 or v.stride(0) == kv_stride)
-    if (module is None or head_dim != 256 or not q.is_contiguous() or not kv_layout_ok
+    if (module is None or head_dim != ATTENTION_HEAD_DIM or not q.is_contiguous() or not kv_layout_ok
             or (out is not None and not out.is_contiguous())):
         return twin.decode_attention(q, k, v, bias=bias, scale=scale, out=out)
     if out is None:

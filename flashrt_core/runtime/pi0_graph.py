@@ -367,8 +367,8 @@ class PiGraphRuntime:
         dtype = COMPUTE_DTYPES[precision]
         rows = config.action_horizon + (0 if config.pi05 else 1)
         ec = config.expert
-        on_kernels = device.type == "cuda" and expert_ops.layer_runs_on_kernels(
-            rows, ec.width, ec.mlp_dim, ec.num_heads, ec.num_kv_heads, ec.head_dim, device)
+        on_kernels = expert_ops.layer_runs_on_kernels(rows, ec.width, ec.mlp_dim, ec.num_heads, ec.num_kv_heads,
+                                                      ec.head_dim, device)
         if expert_path == "auto":
             short = rows <= SMALL_M_MAX_ROWS
             expert_path = "small_m" if dtype == torch.bfloat16 and on_kernels and short else "gemm"
