@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from bench_common import require_cuda_and_kernels
 from flashrt_core import kernels, ops
 from flashrt_core.ops import expert
 from flashrt_core.ops.expert import AdaRmsNorm, AttentionLaunch, LinearLaunch
@@ -314,8 +315,9 @@ def main(argv=None):
     parser.add_argument("--sections", nargs="+", choices=["attention", "chain", "gemm", "fused"],
                         default=["attention", "chain", "gemm", "fused"], help="which sections to run")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available() or not kernels.available() or not hasattr(kernels.module(), "small_m_linear"):
-        sys.exit(f"needs a CUDA GPU and the extension with the expert kernels ({kernels.unavailable_reason()})")
+    require_cuda_and_kernels("expert_kernels_bench")
+    if not hasattr(kernels.module(), "small_m_linear"):
+        sys.exit("expert_kernels_bench: the extension was built without the expert kernels")
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     copy_gbs = copy_bandwidth_gbs()

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the source tree (in-place build)
+from bench_common import require_cuda_and_kernels  # noqa: E402
 from flashrt_core import kernels, ops  # noqa: E402
 
 DEV = "cuda"
@@ -216,12 +217,7 @@ def main(argv=None) -> int:
     parser.add_argument("--replays", type=int, default=50)
     parser.add_argument("--only", default="", help="run the cases whose name contains this")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("kernels_bench: needs a CUDA device", file=sys.stderr)
-        return 2
-    if not kernels.available():
-        print(f"kernels_bench: {kernels.unavailable_reason()}", file=sys.stderr)
-        return 2
+    require_cuda_and_kernels("kernels_bench")
     torch.manual_seed(0)
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  archs {kernels.compiled_archs()}")
     header = f"{'case':44s} {'kernel us':>9s} {'GB/s':>7s} {'%peak':>6s} {'twin us':>9s} {'speedup':>7s}"
