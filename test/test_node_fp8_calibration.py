@@ -87,12 +87,12 @@ def test_activation_calibrates_on_the_live_observation_and_caches_it(make_graph,
     assert policy.calibration_source == "observations" and scales(policy) == measured
 
 
-def test_without_camera_frames_the_first_complete_tick_calibrates(fp8_graph):
+def test_without_camera_frames_the_first_complete_tick_calibrates(make_graph, fp8_device):
     """No camera frame through activation (as under launch's autostart, whose lifecycle
     service call holds the node's executor): activation keeps the provisional scales,
     ticks skip for the missing cameras, and the first tick that has every input measures
     the scales instead of inferring (counted as an 'fp8 calibration' skip); then chunks."""
-    graph = fp8_graph(robot_rate_hz=0)
+    graph = make_graph(parameters={"precision": "fp8", "device": fp8_device}, robot_rate_hz=0)
     robot = graph.robot
     robot.paused.update(CAMERAS)  # joint states arrive, camera frames do not
     robot.timer = robot.create_timer(1 / 30, robot.publish_all)
