@@ -31,7 +31,9 @@ inference still runs waits for it and starts the moment the engine is free, with
 observation of that moment (a late start of a few ms, not a lost tick: timer jitter
 alone would otherwise skip ticks whenever inference takes most of the period); only a
 tick that finds another one already waiting is skipped as 'busy', so ticks never pile
-up behind a slow engine. The engine is used by one
+up behind a slow engine. A period in which the timer never fired (the executor was held
+up for longer than a period, and rcl's timer drops the periods it missed) is counted as
+skipped too ('executor stall'): every period either publishes a chunk or is counted. The engine is used by one
 caller at a time (tick or ~/predict) under a lock. ~/predict waits for its inference
 on the executor thread (a one-shot, non-realtime call; ticks resume after it). Any
 executor works; flashrt_ros.launcher spins each node on its own single-threaded one.
@@ -269,6 +271,7 @@ class PolicyNode(LifecycleNode):
         self._diagnostics_lock = threading.Lock()
         self._active = False
         self._timer = None
+        self._next_tick_ns: int | None = None  # the timer's next call after the newest tick
         self._prompt = parameter_value(self, "prompt")
         self._sequence = 0
         self._chunks_handed = 0  # chunks the engine thread gave the publisher thread
@@ -376,6 +379,7 @@ class PolicyNode(LifecycleNode):
         sys.setswitchinterval(parameter_value(self, "gil_switch_interval_ms") / 1e3)
         self.gc_pauses.start()
         self._active = True
+        self._next_tick_ns = None
         self._timer = self.create_timer(1.0 / rate_hz, self._on_tick,
                                         callback_group=self._tick_group)
         self.get_logger().info(f"active: inference at {rate_hz:g} Hz")
@@ -712,6 +716,7 @@ class PolicyNode(LifecycleNode):
     def _on_tick(self) -> None:
         """Timer callback: start a tick, or (engine busy) leave it waiting for the engine;
         a second one while one waits is skipped as busy (see the module docstring)."""
+        self._count_dropped_periods()
         with self._tick_mutex:
             got_engine = self._engine_lock.acquire(blocking=False)
             if not got_engine and not self._tick_waiting:
@@ -721,6 +726,25 @@ class PolicyNode(LifecycleNode):
             self._record_skip(SkippedTick("busy", "previous inference still running, a tick already waiting"))
             return
         self._start_tick()
+
+    def _count_dropped_periods(self) -> None:
+        """Count the periods the timer dropped before this tick. rcl keeps the timer's
+        calls on a fixed grid and, when a call comes more than a period late, moves the
+        next one past every period already missed, which then never fires. The grid
+        point after this call is read from the timer, so the count does not depend on
+        how late the callbacks ran (on the node clock: sim time included)."""
+        timer = self._timer
+        until = None if timer is None else timer.time_until_next_call()
+        if until is None:
+            return
+        next_ns = self.get_clock().now().nanoseconds + until
+        previous, self._next_tick_ns = self._next_tick_ns, next_ns
+        if previous is None:
+            return
+        dropped = round((next_ns - previous) / timer.timer_period_ns) - 1
+        for _ in range(dropped):
+            self._record_skip(SkippedTick("executor stall",
+                                          f"{dropped} period(s) never ran: the executor was held up"))
 
     def _start_tick(self) -> None:
         """With the engine lock held: take the observation and hand it to the engine

@@ -343,6 +343,27 @@ def test_tick_during_running_inference_waits_for_it(make_graph):
     assert 0 < health.late_start_delay.percentile(50) < 0.13
 
 
+def test_periods_the_stalled_executor_never_ran_count_as_skipped(make_graph):
+    """rcl's timer drops the periods its executor could not run; each counts as an
+    'executor stall' skip, as many as the stall covered, and the node goes on."""
+    graph, _, _ = publishing_policy(make_graph, {"rate_hz": 20.0})
+    before = skips(graph, "executor stall")
+    stalled = threading.Event()
+
+    def stall_once():  # on the policy node's executor: no tick can fire meanwhile
+        stall_timer.cancel()
+        time.sleep(0.33)  # 6.6 periods
+        stalled.set()
+
+    stall_timer = graph.policy.create_timer(0.01, stall_once)
+    assert stalled.wait(timeout=10)
+    assert flowing(graph)
+    dropped = skips(graph, "executor stall") - before
+    # 6 or 7 grid points passed during the stall; the first tick after it fires
+    assert 5 <= dropped <= 7, dropped
+    graph.policy.destroy_timer(stall_timer)
+
+
 def test_ticks_do_not_pile_up_behind_a_slow_engine(make_graph):
     graph, policy, real_predict = publishing_policy(make_graph, {"rate_hz": 20.0})
 
