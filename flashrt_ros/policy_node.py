@@ -195,6 +195,30 @@ def camera_frame(msg, image_size: tuple[int, int]) -> CameraFrame:
         return CameraFrame(error=describe_error(error))
 
 
+def warm_up_camera_conversion(compressed: bool, image_size: tuple[int, int]) -> None:
+    """Convert one tiny synthetic frame as a camera topic's frames are converted, at
+    configure, so that the first real frame finds OpenCV / PIL loaded. Loading OpenCV
+    holds the GIL for tens of ms: on the H100 box, when the first compressed frame came
+    right after activation, that held up the executor for 2-3 periods of a 50 Hz timer,
+    which rcl then dropped. Raises (configure fails) when the conversion cannot work,
+    e.g. OpenCV missing for a compressed topic."""
+    from sensor_msgs.msg import CompressedImage, Image
+
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    if compressed:
+        try:
+            import cv2
+        except ImportError as error:
+            raise RuntimeError(f"compressed camera topics need OpenCV (opencv-python-headless): {error}") from None
+        encoded = cv2.imencode(".jpg", pixels)[1]
+        msg = CompressedImage(format="jpeg", data=encoded.tobytes())
+    else:
+        msg = Image(height=8, width=8, encoding="rgb8", step=24, data=pixels.tobytes())
+    frame = camera_frame(msg, image_size)
+    if frame.rgb is None:
+        raise RuntimeError(f"camera frames cannot be converted: {frame.error}")
+
+
 def joint_state(engine: "_Engine", message) -> np.ndarray:
     """The state vector (engine.joint_names, in order) of a JointState message; raises
     SkippedTick('bad joint state')."""
@@ -588,6 +612,8 @@ class PolicyNode(LifecycleNode):
             return lambda msg: buffer.put(topic, conversions.stamp_to_ns(msg.header.stamp),
                                           camera_frame(msg, image_size))
 
+        for compressed in sorted({conversions.is_compressed_topic(topic) for topic in engine.camera_topics}):
+            warm_up_camera_conversion(compressed, image_size)
         for topic in engine.camera_topics:
             msg_type = CompressedImage if conversions.is_compressed_topic(topic) else Image
             engine.subscriptions.append(self.create_subscription(

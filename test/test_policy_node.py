@@ -148,6 +148,18 @@ def test_lifecycle_failing_configure_then_every_transition(make_graph, tmp_path,
     assert node._engine is None
 
 
+def test_configure_fails_without_opencv_for_a_compressed_camera(make_graph, monkeypatch):
+    """The camera conversion is tried at configure (so OpenCV's load never stalls the
+    running node): a compressed camera topic without OpenCV fails configure, the node
+    stays alive, and configures once OpenCV can be imported."""
+    graph = make_graph()  # one raw and one compressed camera
+    monkeypatch.setitem(sys.modules, "cv2", None)  # `import cv2` raises ImportError
+    assert graph.policy.trigger_configure() == FAILURE
+    assert lifecycle_state(graph.policy) == "unconfigured"
+    monkeypatch.undo()
+    assert graph.policy.trigger_configure() == SUCCESS
+
+
 @pytest.mark.parametrize("state", ["unconfigured", "inactive"])
 def test_shutdown_from_unconfigured_and_inactive(make_graph, state):
     graph = make_graph()
