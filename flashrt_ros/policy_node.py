@@ -107,7 +107,7 @@ from rclpy.time import Time
 from flashrt_ros import conversions, params
 from flashrt_ros.conversions import ConversionError
 from flashrt_ros.diagnostics import (DIAGNOSTICS_WINDOW, PolicyHealth, diagnostic_status, gpu_free_memory,
-                                     gpu_memory)
+                                     gpu_memory, warm_up_reports)
 from flashrt_ros.engine_faults import EngineFailures, EngineFault, describe_error
 from flashrt_ros.gc_pauses import GcPauses
 from flashrt_ros.observation import CameraFrame, ObservationBuffer, Sample, SkippedTick
@@ -376,6 +376,7 @@ class PolicyNode(LifecycleNode):
             self._engine = self._on_engine_thread(self._build_engine)
             self._engine.gpu_free_at_configure = gpu_free_memory(self._engine.spec.device)
             self._create_interfaces(self._engine)
+            warm_up_reports()  # the first report after activation then imports nothing
             _freeze_heap()
         except Exception as error:  # noqa: BLE001 - any failure leaves us unconfigured
             log.error(f"configure failed: {describe_error(error)}")
