@@ -3,10 +3,13 @@ data flow, message content, joint-limit clamp, diagnostics, every lifecycle tran
 
 import gc
 import shutil
+import subprocess
 import sys
+import textwrap
 import threading
 import time
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -317,3 +320,47 @@ def test_configure_via_the_service_keeps_other_nodes_running(make_graph, monkeyp
     assert wait_until(future.done, timeout=30) and future.result().success
     assert graph.robot._frames - frames >= 20  # the 30 Hz robot timer kept firing
     assert lifecycle_state(graph.policy) == "inactive"
+
+
+ACTIVE_NODE_IMPORTS = textwrap.dedent("""
+    import pathlib, sys, tempfile, time
+    sys.path.insert(0, sys.argv[1])  # the test directory (policy_harness)
+    import flashrt_core
+    from flashrt_core.synthetic import write_checkpoint
+    from policy_harness import CAMERAS, PolicyGraph
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    checkpoint = pathlib.Path(tempfile.mkdtemp()) / "pi05_tiny"
+    write_checkpoint("pi05", checkpoint, size="tiny")
+    spec = flashrt_core.load_policy(str(checkpoint), model="pi05", device="cpu", num_views=len(CAMERAS)).spec
+    joints = [f"joint_{i}" for i in range(spec.state_dim)]
+    actions = (joints + [f"extra_{i}" for i in range(spec.action_dim)])[:spec.action_dim]
+    graph = PolicyGraph(checkpoint, joints, parameters={"action_names": actions})
+    try:
+        assert graph.policy.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        before = set(sys.modules)
+        assert graph.policy.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        time.sleep(1.5)  # ticks, chunks, trajectories, /diagnostics reports with samples
+        graph.robot.paused.update(CAMERAS)  # then skipped ticks (stale frames) and their logs
+        time.sleep(1.0)
+        graph.robot.paused.clear()
+        time.sleep(1.0)
+        published, skipped = graph.policy.health.published, sum(graph.policy.health.skipped.values())
+        print(published, skipped, sorted(set(sys.modules) - before))
+    finally:
+        graph.close()
+""")
+
+
+def test_an_active_node_imports_nothing(tmp_path):
+    """A module's first import holds the GIL (on the H100 box, numpy.ma's at the first
+    /diagnostics report after activation: 59 ms, three 50 Hz ticks lost). Configure
+    warms every path the active node runs, so from activation on nothing is imported:
+    checked in a fresh interpreter over ticks, chunks, reports and skipped ticks."""
+    # cwd: not the repository root, whose flashrt_ros lacks the generated messages
+    result = subprocess.run([sys.executable, "-c", ACTIVE_NODE_IMPORTS, str(Path(__file__).resolve().parent)],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    published, skipped, imported = result.stdout.strip().splitlines()[-1].split(" ", 2)
+    assert int(published) > 10 and int(skipped) > 0, result.stdout
+    assert imported == "[]", imported
