@@ -13,7 +13,8 @@ Interface (DESIGN.md §3; parameters in flashrt_ros/params.py):
   service        ~/predict           flashrt_ros/Predict (while configured)
 
 Lifecycle: configure loads and warms the engine and creates the interfaces (outputs
-inactive); activate starts the inference timer; deactivate stops it and publishes a
+inactive), and runs the camera conversion and a /diagnostics report once, so that the
+active node imports nothing (a first import holds the GIL for tens of ms); activate starts the inference timer; deactivate stops it and publishes a
 hold; cleanup closes the engine; shutdown works from any state. FP8 without a cached
 calibration: the warm-up's blank frame gives provisional activation scales, and
 activation first measures them on the live observation and caches them
