@@ -178,8 +178,15 @@ def stall_publisher(graph, queued: int):
     node = graph.policy
     activate(graph)
     assert wait_until(lambda: len(graph.recorder.snapshot().chunks) >= 2, timeout=20)
-    stuck = threading.Event()
-    node._publisher_thread.submit(stuck.wait, 20)
+    stuck, holding = threading.Event(), threading.Event()
+
+    def hold():
+        holding.set()
+        stuck.wait(20)
+
+    node._publisher_thread.submit(hold)
+    # Count once the publisher is held: a chunk queued before hold() still goes out.
+    assert holding.wait(timeout=10)
     published = node.health.published
     assert wait_until(lambda: node._publisher_thread._work_queue.qsize() >= queued, timeout=20)  # ticks ran
     return stuck, published
