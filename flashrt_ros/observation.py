@@ -24,7 +24,7 @@ from typing import Any
 # Every reason a tick can be skipped ('<stream>' is a topic name as configured).
 SKIP_REASONS = (
     "busy",                  # inference still running and another tick already waiting for it
-    "executor stall",        # the timer never fired: the node's executor was held up past a period
+    "executor stall",        # the timer never fired: the executor was held up past a period (or sim time jumped)
     "missing <stream>",
     "stale <stream>",
     "skew",

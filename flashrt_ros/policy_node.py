@@ -771,8 +771,8 @@ class PolicyNode(LifecycleNode):
             return
         dropped = round((next_ns - previous) / timer.timer_period_ns) - 1
         for _ in range(dropped):
-            self._record_skip(SkippedTick("executor stall",
-                                          f"{dropped} period(s) never ran: the executor was held up"))
+            self._record_skip(SkippedTick("executor stall", f"{dropped} period(s) of the node clock passed without "
+                                          "a tick: the executor was held up (or, in sim time, the clock jumped)"))
 
     def _start_tick(self) -> None:
         """With the engine lock held: take the observation and hand it to the engine
