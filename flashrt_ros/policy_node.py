@@ -14,8 +14,9 @@ Interface (DESIGN.md §3; parameters in flashrt_ros/params.py):
 
 Lifecycle: configure loads and warms the engine and creates the interfaces (outputs
 inactive), and runs the camera conversion and a /diagnostics report once, so that the
-active node imports nothing (a first import holds the GIL for tens of ms); activate starts the inference timer; deactivate stops it and publishes a
-hold; cleanup closes the engine; shutdown works from any state. FP8 without a cached
+active node imports nothing (a first import holds the GIL for tens of ms); activate
+starts the inference timer; deactivate stops it and publishes a hold; cleanup closes
+the engine; shutdown works from any state. FP8 without a cached
 calibration: the warm-up's blank frame gives provisional activation scales, and
 activation first measures them on the live observation and caches them
 (fp8_calibrate_on_activation).
@@ -34,10 +35,11 @@ alone would otherwise skip ticks whenever inference takes most of the period); o
 tick that finds another one already waiting is skipped as 'busy', so ticks never pile
 up behind a slow engine. A period in which the timer never fired (the executor was held
 up for longer than a period, and rcl's timer drops the periods it missed) is counted as
-skipped too ('executor stall'): every period either publishes a chunk or is counted. The engine is used by one
-caller at a time (tick or ~/predict) under a lock. ~/predict waits for its inference
-on the executor thread (a one-shot, non-realtime call; ticks resume after it). Any
-executor works; flashrt_ros.launcher spins each node on its own single-threaded one.
+skipped too ('executor stall'): every period either publishes a chunk or is counted.
+The engine is used by one caller at a time (tick or ~/predict) under a lock. ~/predict
+waits for its inference on the executor thread (a one-shot, non-realtime call; ticks
+resume after it). Any executor works; flashrt_ros.launcher spins each node on its own
+single-threaded one.
 
 Safety: a chunk with a non-finite value is never published; values are clamped to
 joint_limits_lower/upper after that check (clamping would hide an inf).
@@ -198,11 +200,10 @@ def camera_frame(msg, image_size: tuple[int, int]) -> CameraFrame:
 
 def warm_up_camera_conversion(compressed: bool, image_size: tuple[int, int]) -> None:
     """Convert one tiny synthetic frame as a camera topic's frames are converted, at
-    configure, so that the first real frame finds OpenCV / PIL loaded. Loading OpenCV
-    holds the GIL for tens of ms: on the H100 box, when the first compressed frame came
-    right after activation, that held up the executor for 2-3 periods of a 50 Hz timer,
-    which rcl then dropped. Raises (configure fails) when the conversion cannot work,
-    e.g. OpenCV missing for a compressed topic."""
+    configure, so that the first real frame finds OpenCV / PIL loaded: loading a module
+    holds the GIL (on the H100 box the first compressed frame was seen loading OpenCV on
+    the executor thread right after activation). Raises (configure fails) when the
+    conversion cannot work, e.g. OpenCV missing for a compressed topic."""
     from sensor_msgs.msg import CompressedImage, Image
 
     pixels = np.zeros((8, 8, 3), np.uint8)
