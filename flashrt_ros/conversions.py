@@ -92,6 +92,24 @@ def compressed_image_to_rgb(msg) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+def rgb_to_image(rgb: np.ndarray):
+    """HxWx3 uint8 RGB -> sensor_msgs/Image (rgb8); header left to the caller."""
+    from sensor_msgs.msg import Image
+
+    height, width, _ = rgb.shape
+    return Image(height=height, width=width, encoding="rgb8", step=width * 3,
+                 data=np.ascontiguousarray(rgb, dtype=np.uint8).tobytes())
+
+
+def rgb_to_jpeg(rgb: np.ndarray):
+    """HxWx3 uint8 RGB -> sensor_msgs/CompressedImage (jpeg); header left to the caller."""
+    import cv2
+    from sensor_msgs.msg import CompressedImage
+
+    encoded = cv2.imencode(".jpg", cv2.cvtColor(np.ascontiguousarray(rgb, dtype=np.uint8), cv2.COLOR_RGB2BGR))[1]
+    return CompressedImage(format="jpeg", data=encoded.tobytes())
+
+
 def is_compressed_topic(topic: str) -> bool:
     """image_transport naming: '<base>/compressed' carries sensor_msgs/CompressedImage."""
     return topic.rstrip("/").endswith("/compressed")

@@ -113,19 +113,16 @@ class SyntheticRobot(Node):
         return all(p.get_subscription_count() > 0 for p in self._streams)
 
     def _publish(self) -> None:
-        import cv2
-        from sensor_msgs.msg import CompressedImage, Image, JointState
+        from sensor_msgs.msg import JointState
 
         t = time.monotonic() - self._started
         stamp = self.get_clock().now().to_msg()
         frame = np.stack([(self._ramp + 40 * t) % 256, self._ramp[::-1],
                           np.full_like(self._ramp, 128 + 100 * np.sin(t))], axis=2).astype(np.uint8)
-        image = Image(height=IMAGE_HEIGHT, width=IMAGE_WIDTH, encoding="rgb8",
-                      step=IMAGE_WIDTH * 3, data=frame.tobytes())
+        image = conversions.rgb_to_image(frame)
         image.header.stamp = stamp
         self._raw.publish(image)
-        jpeg = CompressedImage(format="jpeg", data=cv2.imencode(
-            ".jpg", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))[1].tobytes())
+        jpeg = conversions.rgb_to_jpeg(frame)
         jpeg.header.stamp = stamp
         self._jpeg.publish(jpeg)
         phases = np.arange(len(self.joint_names))

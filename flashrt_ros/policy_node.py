@@ -16,10 +16,9 @@ Lifecycle: configure loads and warms the engine and creates the interfaces (outp
 inactive), and runs the camera conversion and a /diagnostics report once, so that the
 active node imports nothing (a first import holds the GIL for tens of ms); activate
 starts the inference timer; deactivate stops it and publishes a hold; cleanup closes
-the engine; shutdown works from any state. FP8 without a cached
-calibration: the warm-up's blank frame gives provisional activation scales, and
-activation first measures them on the live observation and caches them
-(fp8_calibrate_on_activation).
+the engine; shutdown works from any state. FP8 without a cached calibration: the
+warm-up's blank frame gives provisional activation scales, and activation first
+measures them on the live observation and caches them (fp8_calibrate_on_activation).
 
 Threading: subscriptions keep the newest sample per stream. A camera frame is
 converted as it arrives (decoded, made RGB, resized with pad to the model's image size:
@@ -204,18 +203,11 @@ def warm_up_camera_conversion(compressed: bool, image_size: tuple[int, int]) -> 
     holds the GIL (on the H100 box the first compressed frame was seen loading OpenCV on
     the executor thread right after activation). Raises (configure fails) when the
     conversion cannot work, e.g. OpenCV missing for a compressed topic."""
-    from sensor_msgs.msg import CompressedImage, Image
-
     pixels = np.zeros((8, 8, 3), np.uint8)
-    if compressed:
-        try:
-            import cv2
-        except ImportError as error:
-            raise RuntimeError(f"compressed camera topics need OpenCV (opencv-python-headless): {error}") from None
-        encoded = cv2.imencode(".jpg", pixels)[1]
-        msg = CompressedImage(format="jpeg", data=encoded.tobytes())
-    else:
-        msg = Image(height=8, width=8, encoding="rgb8", step=24, data=pixels.tobytes())
+    try:
+        msg = conversions.rgb_to_jpeg(pixels) if compressed else conversions.rgb_to_image(pixels)
+    except ImportError as error:
+        raise RuntimeError(f"compressed camera topics need OpenCV (opencv-python-headless): {error}") from None
     frame = camera_frame(msg, image_size)
     if frame.rgb is None:
         raise RuntimeError(f"camera frames cannot be converted: {frame.error}")

@@ -37,6 +37,18 @@ def test_colour_encodings_give_rgb(encoding, pixels, row_padding):
     np.testing.assert_array_equal(rgb, RGB)
 
 
+def test_rgb_messages_round_trip():
+    image = conversions.rgb_to_image(RGB)
+    assert (image.encoding, image.height, image.width, image.step) == ("rgb8", 5, 7, 21)
+    np.testing.assert_array_equal(conversions.image_to_rgb(image), RGB)
+    smooth = np.dstack([np.tile(np.linspace(0, 255, 32, dtype=np.uint8), (16, 1))] * 3)
+    smooth[..., 2] = 200  # colour order matters: a swap would move this channel
+    jpeg = conversions.rgb_to_jpeg(smooth)
+    assert jpeg.format == "jpeg"
+    decoded = conversions.compressed_image_to_rgb(jpeg)
+    assert decoded.shape == smooth.shape and np.abs(decoded.astype(int) - smooth).mean() < 4
+
+
 def test_mono8_is_replicated_to_three_channels():
     grey = RGB[:, :, 0]
     rgb = conversions.image_to_rgb(raw_image(grey[:, :, None], "mono8", row_padding=1))
