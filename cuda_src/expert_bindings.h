@@ -107,4 +107,40 @@ inline void bind_expert_kernels(pybind11::module_& m) {
       py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("keys"), py::arg("kv_row_stride"),
       py::arg("bias_row_stride"), py::arg("scale"), py::arg("splits"), py::arg("rows_per_block"), py::arg("pdl"),
       py::arg("stable_keys"), py::arg("stream"));
+
+  m.def(
+      "velocity_euler_embed",
+      [ptr](uintptr_t res, int64_t res_row_stride, int prologue, uintptr_t norm_weight, uintptr_t norm_shift,
+            double eps, uintptr_t w_out, uintptr_t b_out, double dt, uintptr_t x_t, uintptr_t w_in, uintptr_t b_in,
+            uintptr_t out, int64_t out_row_stride, int64_t rows, int64_t dim, int64_t actions, bool pdl,
+            uintptr_t stream) {
+        flashrt::expert::VelocityEulerEmbedArgs a;
+        auto f32 = [ptr](uintptr_t p) { return static_cast<const float*>(ptr(p)); };
+        a.res = ptr(res);
+        a.res_row_stride = res_row_stride;
+        a.prologue = prologue;
+        a.norm_weight = f32(norm_weight);
+        a.norm_shift = f32(norm_shift);
+        a.eps = static_cast<float>(eps);
+        a.w_out = f32(w_out);
+        a.b_out = f32(b_out);
+        a.dt = static_cast<float>(dt);
+        a.x_t = static_cast<float*>(ptr(x_t));
+        a.w_in = f32(w_in);
+        a.b_in = f32(b_in);
+        a.out = ptr(out);
+        a.out_row_stride = out_row_stride;
+        a.rows = rows;
+        a.dim = dim;
+        a.actions = actions;
+        a.pdl = pdl;
+        flashrt::expert::velocity_euler_embed(a, ptr(stream));
+      },
+      py::kw_only(), py::arg("res"), py::arg("res_row_stride"), py::arg("prologue"), py::arg("norm_weight"),
+      py::arg("norm_shift"), py::arg("eps"), py::arg("w_out"), py::arg("b_out"), py::arg("dt"), py::arg("x_t"),
+      py::arg("w_in"), py::arg("b_in"), py::arg("out"), py::arg("out_row_stride"), py::arg("rows"), py::arg("dim"),
+      py::arg("actions"), py::arg("pdl"), py::arg("stream"));
+
+  m.def("velocity_euler_embed_supported", &flashrt::expert::velocity_euler_embed_supported, py::kw_only(),
+        py::arg("rows"), py::arg("dim"), py::arg("actions"));
 }

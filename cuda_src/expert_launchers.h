@@ -105,5 +105,33 @@ struct DecodeAttentionArgs {
 };
 void decode_attention(const DecodeAttentionArgs& a, void* stream);
 
+// The flow-matching step outside the expert layers, one launch (velocity_euler_embed.cu):
+//   x_t[H, A] += dt * (round_bf16(norm(res)) @ w_out^T + b_out)      (when res is given)
+//   out[H, D]  = round_bf16(x_t @ w_in^T + b_in)                     (when w_in is given)
+// res / out bf16 rows with their strides, everything else fp32 and contiguous; norm is
+// RMS (1 + norm_weight) or adaRMS (1 + norm_weight, + norm_shift). H <= 64, D % 128 == 0
+// and <= 1024, A % 4 == 0 and <= 32; res and out may be the same rows (res is read
+// before out is written). With pdl only res and x_t are read after the PDL wait.
+struct VelocityEulerEmbedArgs {
+  const void* res = nullptr;
+  int64_t res_row_stride = 0;
+  int prologue = kPrologueRmsNorm;
+  const float* norm_weight = nullptr;
+  const float* norm_shift = nullptr;
+  float eps = 1e-6f;
+  const float* w_out = nullptr;
+  const float* b_out = nullptr;
+  float dt = 0.f;
+  float* x_t = nullptr;
+  const float* w_in = nullptr;
+  const float* b_in = nullptr;
+  void* out = nullptr;
+  int64_t out_row_stride = 0;
+  int64_t rows = 0, dim = 0, actions = 0;
+  bool pdl = false;
+};
+void velocity_euler_embed(const VelocityEulerEmbedArgs& a, void* stream);
+bool velocity_euler_embed_supported(int64_t rows, int64_t dim, int64_t actions);
+
 }  // namespace expert
 }  // namespace flashrt

@@ -1,4 +1,5 @@
-"""GPU tests of the action-expert kernels (small_m_linear, decode_attention) against
+"""GPU tests of the action-expert kernels (small_m_linear, decode_attention,
+velocity_euler_embed) against
 their twins (flashrt_core.ops.expert_reference) on random inputs at Pi0.5 expert
 shapes: every variant, M in {1, 10, 16, 50, 64}, S in {300, 570, 1100}, outputs and
 caches poisoned with NaN before each call, launch-shape variants (split-K clusters, key
@@ -26,7 +27,8 @@ BF16 = torch.bfloat16
 FP8 = torch.float8_e4m3fn
 MS = [1, 10, 16, 50, 64]
 HIDDEN, MLP, HEADS, HEAD_DIM = 1024, 4096, 8, 256
-TWINS = ["linear", "linear_gated_residual", "linear_gelu_mul", "linear_qkv_rope", "decode_attention"]
+TWINS = ["linear", "linear_gated_residual", "linear_gelu_mul", "linear_qkv_rope", "decode_attention",
+         "velocity_euler_embed"]
 # ||out - ref|| / ||ref||: bf16 outputs round once (kernel and twin may differ by an ulp);
 # attention also rounds P to bf16 before P.V
 TOL = {BF16: 5e-3, torch.float32: 1e-4}
@@ -403,6 +405,97 @@ def test_expert_layers_graph_replay(twins, w_kind, pdl):
         torch.cuda.synchronize()
         assert_close(x, x_ref, 2e-3)
         assert_close(st.kc, ref_st.kc, TOL[BF16])
+
+
+# --- velocity_euler_embed --------------------------------------------------------------
+
+
+class ActionHead:
+    """Random action head of a flow step: final norm, velocity head, action embedding."""
+
+    def __init__(self, dim, actions, norm_kind):
+        self.norm = make_norm(norm_kind, dim)
+        self.w_out = rnd(actions, dim, dtype=torch.float32, scale=dim**-0.5)
+        self.b_out = rnd(actions, dtype=torch.float32, scale=0.1)
+        self.w_in = rnd(dim, actions, dtype=torch.float32, scale=actions**-0.5)
+        self.b_in = rnd(dim, dtype=torch.float32, scale=0.1)
+
+    def run(self, op, x_t, res, out, mode, launch=None):
+        velocity, embed = mode != "embed", mode != "velocity"
+        return op(x_t, res=res if velocity else None, norm=self.norm, w_out=self.w_out, b_out=self.b_out, dt=-0.1,
+                  w_in=self.w_in if embed else None, b_in=self.b_in, out=out if embed else None, launch=launch)
+
+
+HEAD_SHAPES = [(1, HIDDEN, 32), (10, HIDDEN, 32), (16, HIDDEN, 32), (50, HIDDEN, 32), (64, HIDDEN, 32),
+               (10, 128, 8), (7, 384, 12)]
+
+
+@pytest.mark.parametrize("rows, dim, actions", HEAD_SHAPES)
+@pytest.mark.parametrize("norm_kind", ["rms", "ada"])
+@pytest.mark.parametrize("mode", ["both, out = res", "both", "velocity", "embed"])
+def test_velocity_euler_embed(twins, rows, dim, actions, norm_kind, mode):
+    head = ActionHead(dim, actions, norm_kind)
+    res = rnd(rows, dim, scale=3.0)
+    x_t = rnd(rows, actions, dtype=torch.float32)
+    out = res if mode.endswith("= res") else nan_like(res)
+    ref_res, ref_x, ref_out = res.clone(), x_t.clone(), out.clone()
+    head.run(twins.velocity_euler_embed, ref_x, ref_res, ref_res if out is res else ref_out, mode.split(",")[0])
+    head.run(expert.velocity_euler_embed, x_t, res, out, mode.split(",")[0])
+    assert_close(x_t, ref_x, 1e-5)
+    if mode == "velocity":
+        assert torch.isnan(out).all(), "no embedding was asked for, but out was written"
+        torch.testing.assert_close(res, ref_res, rtol=0, atol=0)
+    else:
+        assert_close(out, ref_res if out is res else ref_out, TOL[BF16])
+
+
+def test_velocity_euler_embed_strided_rows_and_pdl_in_a_graph(twins):
+    """The runtime's case: res / out are the action rows of a wider residual buffer, the op
+    runs with PDL right after the kernel that wrote res, inside a CUDA graph; replayed on
+    new inputs it matches the twin."""
+    rows, actions = 10, 32
+    head = ActionHead(HIDDEN, actions, "ada")
+    stream_rows = torch.empty(rows + 6, HIDDEN + 64, dtype=BF16, device=DEV)  # row stride 1088
+    res = stream_rows[3:3 + rows, :HIDDEN]
+    source = torch.empty(rows, HIDDEN, dtype=BF16, device=DEV)
+    x_t = torch.empty(rows, actions, dtype=torch.float32, device=DEV)
+
+    def step():
+        res.copy_(source)  # the producer the PDL launch must wait for
+        head.run(expert.velocity_euler_embed, x_t, res, res, "both", launch=LinearLaunch(pdl=True))
+
+    source.copy_(rnd(rows, HIDDEN))
+    x_t.copy_(rnd(rows, actions, dtype=torch.float32))
+    step()  # warm-up outside capture
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.cuda.graph(graph, stream=side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    for trial in range(3):
+        source.copy_(rnd(rows, HIDDEN, scale=1.0 + trial))
+        x0 = rnd(rows, actions, dtype=torch.float32)
+        ref_x, ref_res = x0.clone(), source.clone()
+        head.run(twins.velocity_euler_embed, ref_x, ref_res, ref_res, "both")
+        x_t.copy_(x0)
+        res.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(x_t, ref_x, 1e-5)
+        assert_close(res, ref_res, TOL[BF16])
+
+
+def test_velocity_euler_embed_takes_the_twin_beyond_its_shapes(twins, monkeypatch):
+    """65 rows (or D = 2048) exceed the kernel: the op runs the twin, same result."""
+    calls = []
+    monkeypatch.setattr(expert_reference, "velocity_euler_embed",
+                        lambda *a, **k: calls.append(1) or twins.velocity_euler_embed(*a, **k))
+    for rows, dim in ((65, HIDDEN), (10, 2048)):
+        head = ActionHead(dim, 32, "rms")
+        res, x_t = rnd(rows, dim), rnd(rows, 32, dtype=torch.float32)
+        head.run(expert.velocity_euler_embed, x_t, res, res, "both")
+    assert len(calls) == 2
 
 
 def test_kernels_report_sm90_features_or_fall_back():

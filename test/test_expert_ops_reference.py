@@ -245,6 +245,52 @@ def test_decode_attention_fully_masked_row_is_zero():
     assert torch.equal(expert.decode_attention(q, k, v, bias=shared).float(), torch.zeros(m, hq, d))
 
 
+# --- velocity_euler_embed ---------------------------------------------------------------
+
+
+def _action_head(dim=64, actions=8):
+    return dict(w_out=rnd(actions, dim, scale=dim**-0.5), b_out=rnd(actions, scale=0.1),
+                w_in=rnd(dim, actions, scale=actions**-0.5), b_in=rnd(dim, scale=0.1))
+
+
+@pytest.mark.parametrize("norm_kind", ["rms", "ada"])
+@pytest.mark.parametrize("res_dtype", [BF16, torch.float32])
+def test_velocity_euler_embed_matches_float64(norm_kind, res_dtype):
+    """Velocity head on the final norm (rounded to res's dtype), Euler step, then the
+    next embedding of the updated x_t, written over the same rows the norm read."""
+    rows, dim, actions, dt = 5, 64, 8, -0.1
+    head = _action_head(dim, actions)
+    norm = RmsNorm(rnd(dim, scale=0.2)) if norm_kind == "rms" else AdaRmsNorm(rnd(dim, scale=0.2), rnd(dim, scale=0.2))
+    res = rnd(rows, dim, dtype=res_dtype, scale=3.0)
+    x_t = rnd(rows, actions)
+    xd = res.double()
+    h = xd * torch.rsqrt(xd.square().mean(-1, keepdim=True) + norm.eps)
+    h = h * (1 + norm.weight.double()) if norm_kind == "rms" else h * (1 + norm.scale.double()) + norm.shift.double()
+    h = h.to(res_dtype).double()
+    x_expected = x_t.double() + dt * (h @ head["w_out"].double().t() + head["b_out"].double())
+    embed_expected = x_expected @ head["w_in"].double().t() + head["b_in"].double()
+
+    returned = expert.velocity_euler_embed(x_t, res=res, norm=norm, dt=dt, out=res, **head)
+    assert returned is x_t
+    assert rel_err(x_t, x_expected) < 1e-6
+    assert rel_err(res, embed_expected) < (4e-3 if res_dtype == BF16 else 1e-6)
+
+
+def test_velocity_euler_embed_halves_run_alone():
+    """Without w_in only x_t moves (out untouched); without res only the embedding runs."""
+    head = _action_head()
+    res, x_t = rnd(3, 64, dtype=BF16), rnd(3, 8)
+    out = torch.full((3, 64), float("nan"), dtype=BF16)
+    x_before = x_t.clone()
+    expert.velocity_euler_embed(x_t, res=res, norm=RmsNorm(torch.zeros(64)), dt=0.5, out=out,
+                                **{k: v for k, v in head.items() if k.endswith("_out")})
+    assert not torch.equal(x_t, x_before) and torch.isnan(out.float()).all()
+    x_before = x_t.clone()
+    expert.velocity_euler_embed(x_t, w_in=head["w_in"], b_in=head["b_in"], out=out)
+    assert torch.equal(x_t, x_before)
+    assert rel_err(out, x_t.double() @ head["w_in"].double().t() + head["b_in"].double()) < 4e-3
+
+
 # --- errors --------------------------------------------------------------------------
 
 
@@ -254,6 +300,13 @@ def _qkv_args(**over):
                 sin=torch.zeros(8, d // 2), positions=torch.zeros(2, dtype=torch.int32),
                 k_cache=torch.zeros(8, 1, d, dtype=BF16), v_cache=torch.zeros(8, 1, d, dtype=BF16),
                 cache_offset=torch.zeros(1, dtype=torch.int32))
+    args.update(over)
+    return args
+
+
+def _head_args(**over):
+    args = dict(res=rnd(3, 64, dtype=BF16), norm=RmsNorm(rnd(64)), dt=-0.1, out=rnd(3, 64, dtype=BF16),
+                **_action_head())
     args.update(over)
     return args
 
@@ -281,6 +334,14 @@ def _qkv_args(**over):
                                      rnd(5, 2, 16, dtype=BF16)), "Hq % Hkv"),
     (lambda: expert.decode_attention(rnd(2, 2, 16, dtype=BF16), rnd(5, 1, 16, dtype=BF16),
                                      rnd(5, 1, 16, dtype=BF16), bias=torch.zeros(4)), "bias must be"),
+    (lambda: expert.velocity_euler_embed(rnd(3, 8)), "nothing to do"),
+    (lambda: expert.velocity_euler_embed(rnd(3, 8, dtype=BF16), **_head_args()), "dtype"),
+    (lambda: expert.velocity_euler_embed(rnd(4, 8), **_head_args()), "shape"),
+    (lambda: expert.velocity_euler_embed(rnd(3, 8), **_head_args(norm=None)), "norm"),
+    (lambda: expert.velocity_euler_embed(rnd(3, 8), **_head_args(w_out=rnd(8, 32))), "w_out"),
+    (lambda: expert.velocity_euler_embed(rnd(3, 8), **_head_args(w_in=rnd(8, 64))), "w_in"),
+    (lambda: expert.velocity_euler_embed(rnd(3, 8), **_head_args(out=None)), "needs out"),
+    (lambda: expert.velocity_euler_embed(rnd(3, 8), **_head_args(b_in=rnd(64, dtype=BF16))), "dtype"),
     (lambda: expert.pack_gate_up(rnd(12, 8), rnd(12, 8)), "F % 8"),
     (lambda: expert.pack_qkv_rope(rnd(40, 8), rnd(20, 8), rnd(20, 8), 20), "multiple of 16"),
 ])

@@ -1,6 +1,6 @@
-"""Action-expert ops: small-M GEMMs with fused prologue / epilogue and decode
-attention. On CUDA with the extension built they run the kernels of
-cuda_src/small_m_linear.cu and decode_attention.cu; otherwise (CPU,
+"""Action-expert ops: small-M GEMMs with fused prologue / epilogue, decode attention
+and the flow step's action head. On CUDA with the extension built they run the kernels
+of cuda_src/small_m_linear.cu, decode_attention.cu and velocity_euler_embed.cu; otherwise (CPU,
 FLASHRT_DISABLE_KERNELS, `ops.use_reference()`, a shape the kernel does not take) the
 twins of `flashrt_core.ops.expert_reference`, same signatures and semantics.
 
@@ -13,6 +13,12 @@ One Pi0.5 expert layer is five calls (x: residual stream [M, 1024], M = horizon)
     linear_gated_residual(attn.view(M, -1), w_o, x, gate=gate1)       # x += gate1 * o
     linear_gelu_mul(x, w_gate_up, norm=AdaRmsNorm(scale2, shift2), out=h)
     linear_gated_residual(h, w_down, x, gate=gate2)                   # x += gate2 * down
+
+Between the flow steps one more call does the action head (final norm, velocity,
+Euler step, the next step's embedding; fp32 weights):
+
+    velocity_euler_embed(x_t, res=x, norm=AdaRmsNorm(final_scale, final_shift),
+                         w_out=w_out, b_out=b_out, dt=-0.1, w_in=w_in, b_in=b_in, out=x)
 
 Weights are prepared once: `pack_qkv_rope` / `pack_gate_up` reorder rows so that the
 pairs an epilogue combines sit in one thread; `quantize_weight_fp8` gives FP8 E4M3 rows
@@ -410,6 +416,76 @@ def decode_attention(q, k, v, *, bias=None, scale=None, out=None, launch: Attent
     return out
 
 
+def velocity_euler_embed(x_t, *, res=None, norm=None, w_out=None, b_out=None, dt=0.0, w_in=None, b_in=None,
+                         out=None, launch: LinearLaunch | None = None):
+    """The flow-matching step outside the expert layers (cuda_src/velocity_euler_embed.cu):
+
+        with res:   x_t += dt * (norm(res) @ w_out^T + b_out)     norm rounded to res's dtype
+        with w_in:  out  = x_t @ w_in^T + b_in                    after that update
+
+    x_t [H, A] float32, updated in place; res / out [H, D] with unit stride along D (they
+    may be the same rows: res is read before out is written); norm RmsNorm or AdaRmsNorm
+    with float32 vectors [D]; w_out [A, D], b_out [A], w_in [D, A], b_in [D] float32.
+    One launch on CUDA (bf16 res / out, H <= 64, D % 128 == 0 and <= 1024, A % 4 == 0 and
+    <= 32); launch.pdl lets it load the weights while the previous kernel drains.
+    Returns x_t."""
+    op = "expert.velocity_euler_embed"
+    _check_tensor(op, "x_t", x_t, (torch.float32,), ndim=2)
+    if not x_t.is_contiguous():
+        _fail(op, "x_t must be contiguous")
+    rows, actions = x_t.shape
+    if res is None and w_in is None:
+        _fail(op, "nothing to do: give res (velocity and Euler step) and / or w_in (embedding)")
+    f32 = (torch.float32,)
+    dim = None
+    if res is not None:
+        _check_tensor(op, "res", res, X_DTYPES, ndim=2)
+        dim = res.shape[1]
+        _check_rows(op, "res", res, X_DTYPES, rows, dim)
+        if type(norm) not in (RmsNorm, AdaRmsNorm):
+            _fail(op, f"res needs norm RmsNorm or AdaRmsNorm, got {type(norm).__name__}")
+        for name, t in (("norm.weight", getattr(norm, "weight", None)), ("norm.scale", getattr(norm, "scale", None)),
+                        ("norm.shift", getattr(norm, "shift", None))):
+            if t is not None:
+                _check_tensor(op, name, t, f32, ndim=1)
+                _check_shape(op, name, t, (dim,))
+        _check_tensor(op, "w_out", w_out, f32, ndim=2)
+        _check_shape(op, "w_out", w_out, (actions, dim))
+        _check_tensor(op, "b_out", b_out, f32, ndim=1)
+        _check_shape(op, "b_out", b_out, (actions,))
+    if w_in is not None:
+        _check_tensor(op, "w_in", w_in, f32, ndim=2)
+        dim = w_in.shape[0] if dim is None else dim
+        _check_shape(op, "w_in", w_in, (dim, actions))
+        _check_tensor(op, "b_in", b_in, f32, ndim=1)
+        _check_shape(op, "b_in", b_in, (dim,))
+        if out is None:
+            _fail(op, "the embedding needs out")
+        _check_rows(op, "out", out, X_DTYPES, rows, dim)
+    vectors = (norm.weight, None) if isinstance(norm, RmsNorm) else (
+        (norm.scale, norm.shift) if isinstance(norm, AdaRmsNorm) else (None, None))
+    tensors = (x_t, res, *vectors, w_out, b_out, w_in, b_in, out)
+    for t in tensors:
+        if t is not None and t.device != x_t.device:
+            _fail(op, f"all tensors must be on {x_t.device}, found one on {t.device}")
+    module = _kernel_module(*tensors)
+    kernel = (module is not None and hasattr(module, "velocity_euler_embed")
+              and all(t is None or t.dtype == BF16 for t in (res, out))
+              and all(t is None or t.is_contiguous() for t in (*vectors, w_out, b_out, w_in, b_in))
+              and module.velocity_euler_embed_supported(rows=rows, dim=dim, actions=actions))
+    if not kernel:
+        return twin.velocity_euler_embed(x_t, res=res, norm=norm, w_out=w_out, b_out=b_out, dt=dt, w_in=w_in,
+                                         b_in=b_in, out=out)
+    launch = launch or LinearLaunch()
+    _launch(module.velocity_euler_embed, x_t.device, res=_ptr(res), res_row_stride=0 if res is None else _row_stride(res),
+            prologue=_PROLOGUE[type(norm)] if res is not None else 0, norm_weight=_ptr(vectors[0]),
+            norm_shift=_ptr(vectors[1]), eps=float(norm.eps) if res is not None else 0.0, w_out=_ptr(w_out),
+            b_out=_ptr(b_out), dt=float(dt), x_t=x_t.data_ptr(), w_in=_ptr(w_in), b_in=_ptr(b_in), out=_ptr(out),
+            out_row_stride=0 if out is None else _row_stride(out), rows=rows, dim=dim, actions=actions,
+            pdl=launch.pdl)
+    return x_t
+
+
 __all__ = [
     "AdaRmsNorm",
     "AttentionLaunch",
@@ -425,4 +501,5 @@ __all__ = [
     "quantize_weight_fp8",
     "unpack_gate_up",
     "unpack_qkv_rope",
+    "velocity_euler_embed",
 ]

@@ -155,6 +155,24 @@ def decode_attention(q, k, v, *, bias=None, scale=None, out=None, launch=None):
     return _write(y, out)
 
 
+def velocity_euler_embed(x_t, *, res=None, norm=None, w_out=None, b_out=None, dt=0.0, w_in=None, b_in=None,
+                         out=None, launch=None):
+    """The flow-matching step outside the expert layers, as the separate ops did it:
+    with res, x_t += dt * (norm(res) in res's dtype @ w_out^T + b_out) in place; with
+    w_in, out = x_t @ w_in^T + b_in in out's dtype (after the update). Returns x_t."""
+    del launch
+    if res is not None:
+        if isinstance(norm, AdaRmsNorm):
+            h = reference.ada_rms_norm(res, norm.scale, norm.shift, norm.eps)
+        else:
+            h = reference.rms_norm(res, norm.weight, norm.eps)
+        velocity = torch.addmm(b_out.float(), h.float(), w_out.float().t())
+        reference.euler_step(x_t, velocity, dt)
+    if w_in is not None:
+        out.copy_(torch.addmm(b_in.float(), x_t.float(), w_in.float().t()))
+    return x_t
+
+
 __all__ = [
     "AdaRmsNorm",
     "AttentionLaunch",
@@ -169,4 +187,5 @@ __all__ = [
     "pair_order",
     "prologue",
     "unpack_columns",
+    "velocity_euler_embed",
 ]

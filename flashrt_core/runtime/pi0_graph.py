@@ -306,14 +306,12 @@ class _Session:
         # expert (action tokens; Pi0's state pass uses the first row)
         s = self.suffix_len
         self.x_t = buf(cfg.action_horizon, cfg.action_dim, dtype=torch.float32)
-        self.velocity = buf(cfg.action_horizon, cfg.action_dim, dtype=torch.float32)
         self.a_emb = buf(cfg.action_horizon, ec.width, dtype=torch.float32)
         self.a_mlp = buf(cfg.action_horizon, ec.width, dtype=torch.float32)
         self.e_res, self.e_h, self.e_o = buf(s, ec.width), buf(s, ec.width), buf(s, ec.width)
         self.e_qkv = buf(s, (ec.num_heads + 2 * ec.num_kv_heads) * ec.head_dim)
         self.e_q, self.e_attn = buf(s, ec.num_heads, ec.head_dim), buf(s, ec.num_heads, ec.head_dim)
         self.e_gu, self.e_mlp = buf(s, 2 * ec.mlp_dim), buf(s, ec.mlp_dim)
-        self.e_out = buf(cfg.action_horizon, ec.width, dtype=torch.float32)
         # decode_attention's workspace layout depends on the token count: one per token
         # group (Pi0's state pass and its action pass must not share one).
         self.attn_workspace = {first: ops.decode_attention_workspace(
@@ -551,7 +549,9 @@ class PiGraphRuntime:
     def _expert(self, s: _Session, prefix_len: int, first: int, rows: int, step: int | None) -> None:
         """Expert layers over `rows` suffix tokens in e_res[:rows], whose K/V go to cache rows
         prefix_len + first ...; they attend to every key before and including themselves.
-        step None: Pi0's state pass (plain norms; stops after the last layer's K/V)."""
+        Leaves the residual stream in e_res: the final norm is the flow step's
+        (velocity_euler_embed). step None: Pi0's state pass (plain norms; stops after the
+        last layer's K/V)."""
         if self.w.fused_expert:
             return self._expert_small_m(s, prefix_len, first, rows, step)
         w, ec = self.w, self.config.expert
@@ -583,21 +583,22 @@ class PiGraphRuntime:
             layer["gate_up"](h, out=gu)
             ops.gelu_tanh_mul(gu, out=mlp)
             layer["down"](mlp, out=o)
-        norm(0, depth, o, (depth - 1, 1))  # final norm
+        gate = self._expert_norm(depth - 1, 1, step)[1]
+        if gate is None:
+            res.add_(o)
+        else:
+            ops.gated_add(o, res, gate)
 
     def _expert_small_m(self, s: _Session, prefix_len: int, first: int, rows: int, step: int | None) -> None:
         """`_expert` with the small-M kernels: per layer 5 launches, each reading its weights
         once; norms run as GEMM prologues, RoPE + KV-cache write, GeGLU and the gated residual
         as epilogues. PDL lets each kernel start loading weights while the previous drains."""
         w, ec = self.w, self.config.expert
-        res, h, q, attn, mlp = (t[first:first + rows] for t in (s.e_res, s.e_h, s.e_q, s.e_attn, s.e_mlp))
+        res, q, attn, mlp = (t[first:first + rows] for t in (s.e_res, s.e_q, s.e_attn, s.e_mlp))
         keys = prefix_len + first + rows
         positions, cache_row = s.group_positions[first], s.group_cache_row[first]
         depth = len(w.expert_layers)
-        # FLASHRT_PDL=0 turns programmatic dependent launch off, so a profiler shows each
-        # kernel's own time instead of time overlapped with its predecessor.
-        pdl = self.use_graphs and os.environ.get("FLASHRT_PDL", "1") == "1"
-        lin, att = LinearLaunch(pdl=pdl), AttentionLaunch(pdl=pdl)
+        lin, att = LinearLaunch(pdl=self._pdl), AttentionLaunch(pdl=self._pdl)
 
         for i, layer in enumerate(w.expert_layers):
             norm, gate_attn = self._expert_norm(i, 0, step)
@@ -618,23 +619,35 @@ class PiGraphRuntime:
                                        launch=lin)
             expert_ops.linear_gated_residual(mlp, layer["down"], res, gate=gate_mlp, w_scale=layer["down_scale"],
                                              launch=lin)
-        apply_norm(self._expert_norm(depth, 0, step)[0], res, h)  # final norm
+
+    @property
+    def _pdl(self) -> bool:
+        """Programmatic dependent launch for the expert kernels (graphs only). FLASHRT_PDL=0
+        turns it off, so a profiler shows each kernel's own time instead of time
+        overlapped with its predecessor."""
+        return self.use_graphs and os.environ.get("FLASHRT_PDL", "1") == "1"
 
     def _flow_step(self, s: _Session, prefix_len: int, first_action: int, step: int) -> None:
-        """x_t <- x_t + dt * v(x_t, t_step): embed the actions, run the expert, project, Euler."""
+        """x_t <- x_t + dt * v(x_t, t_step). The action rows of e_res hold the embedded x_t
+        (Pi0.5: written by the previous step's velocity_euler_embed, or _forward's);
+        after the expert one op runs its final norm, the velocity head, the Euler step and
+        (Pi0.5, all but the last step) the next step's embedding."""
         cfg, w = self.config, self.w
         horizon = cfg.action_horizon
         actions = s.e_res[first_action:first_action + horizon]
-        w.action_in(s.x_t, out=s.a_emb)
         if not cfg.pi05:  # Pi0 mixes in the time: W_a a + (W_t temb_step + b), swish, out proj
+            w.action_in(s.x_t, out=s.a_emb)
             torch.addmm(w.action_time_step_bias[step], s.a_emb, w.action_time_in.weight.t(), out=s.a_mlp)
             F.silu(s.a_mlp, inplace=True)
             w.action_time_out(s.a_mlp, out=s.a_emb)
-        actions.copy_(s.a_emb)
+            actions.copy_(s.a_emb)
         self._expert(s, prefix_len, first_action, horizon, step)
-        s.e_out.copy_(s.e_h[first_action:first_action + horizon])
-        w.action_out(s.e_out, out=s.velocity)
-        ops.euler_step(s.x_t, s.velocity, float(np.float32(-1.0 / cfg.num_steps)))
+        embed_next = cfg.pi05 and step + 1 < cfg.num_steps
+        expert_ops.velocity_euler_embed(
+            s.x_t, res=actions, norm=self._expert_norm(len(w.expert_layers), 0, step)[0], w_out=w.action_out.weight,
+            b_out=w.action_out.bias, dt=float(np.float32(-1.0 / cfg.num_steps)),
+            w_in=w.action_in.weight if embed_next else None, b_in=w.action_in.bias if embed_next else None,
+            out=actions if embed_next else None, launch=LinearLaunch(pdl=self._pdl))
 
     def _forward(self, s: _Session, bucket: int) -> None:
         cfg, w = self.config, self.w
@@ -648,6 +661,9 @@ class PiGraphRuntime:
             self._expert(s, prefix_len, 0, 1, None)
             first_action = 1
         s.x_t.copy_(s.noise)
+        if cfg.pi05:  # the first step's embedding; each step's op embeds the next one
+            expert_ops.velocity_euler_embed(s.x_t, w_in=w.action_in.weight, b_in=w.action_in.bias,
+                                            out=s.e_res[:cfg.action_horizon], launch=LinearLaunch(pdl=self._pdl))
         for step in range(cfg.num_steps):
             self._flow_step(s, prefix_len, first_action, step)
 
