@@ -67,6 +67,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 __device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
 
 __global__ void __launch_bounds__(kThreads) velocity_euler_embed_kernel(const __grid_constant__ Params p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900  // clusters; never launched below (see _supported)
   extern __shared__ __align__(16) uint8_t smem[];
   float* x_s = reinterpret_cast<float*>(smem);                                  // [H, A]
   __nv_bfloat16* h_s = reinterpret_cast<__nv_bfloat16*>(x_s + p.rows * p.actions);  // [H, D]
@@ -187,6 +188,7 @@ __global__ void __launch_bounds__(kThreads) velocity_euler_embed_kernel(const __
       p.out[r * p.out_row_stride + j] = __float2bfloat16_rn(acc + b_in);
     }
   }
+#endif
 }
 
 }  // namespace

@@ -342,7 +342,9 @@ ACTIVE_NODE_IMPORTS = textwrap.dedent("""
     spec = flashrt_core.load_policy(str(checkpoint), model="pi05", device="cpu", num_views=len(CAMERAS)).spec
     joints = [f"joint_{i}" for i in range(spec.state_dim)]
     actions = (joints + [f"extra_{i}" for i in range(spec.action_dim)])[:spec.action_dim]
-    graph = PolicyGraph(checkpoint, joints, parameters={"action_names": actions})
+    device, precision = sys.argv[2], sys.argv[3]
+    graph = PolicyGraph(checkpoint, joints, parameters={"action_names": actions, "device": device,
+                                                        "precision": precision})
     try:
         assert graph.policy.trigger_configure() == TransitionCallbackReturn.SUCCESS
         before = set(sys.modules)
@@ -359,14 +361,17 @@ ACTIVE_NODE_IMPORTS = textwrap.dedent("""
 """)
 
 
-def test_an_active_node_imports_nothing(tmp_path):
+@pytest.mark.parametrize("device, precision", [("cpu", "auto"), pytest.param("cuda", "bf16", marks=pytest.mark.gpu),
+                                               pytest.param("cuda", "fp8", marks=pytest.mark.gpu)])
+def test_an_active_node_imports_nothing(tmp_path, device, precision):
     """A module's first import holds the GIL (on the H100 box, numpy.ma's at the first
     /diagnostics report after activation: 59 ms, three 50 Hz ticks lost). Configure
     warms every path the active node runs, so from activation on nothing is imported:
-    checked in a fresh interpreter over ticks, chunks, reports and skipped ticks."""
+    checked in a fresh interpreter over ticks, chunks, reports and skipped ticks, on the
+    CPU and on CUDA (captured graphs; FP8 calibrates on the first live observation)."""
     # cwd: not the repository root, whose flashrt_ros lacks the generated messages
-    result = subprocess.run([sys.executable, "-c", ACTIVE_NODE_IMPORTS, str(Path(__file__).resolve().parent)],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = subprocess.run([sys.executable, "-c", ACTIVE_NODE_IMPORTS, str(Path(__file__).resolve().parent),
+                             device, precision], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     published, skipped, imported = result.stdout.strip().splitlines()[-1].split(" ", 2)
     assert int(published) > 10 and int(skipped) > 0, result.stdout
