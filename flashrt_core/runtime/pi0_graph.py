@@ -69,6 +69,11 @@ def apply_norm(norm, res: torch.Tensor, out: torch.Tensor, added=None, gate=None
         ops.add_rms_norm(added, res, norm.weight, out=out)
 
 
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A host tensor's numpy view (a device tensor is copied)."""
+    return t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
+
+
 def present_views(images: torch.Tensor, image_mask: torch.Tensor):
     """Drop masked views. SigLIP encodes each view alone and a masked view's tokens are
     invisible and take no position, so the forward over the remaining views is the same
@@ -223,6 +228,10 @@ class StagingBlock:
         def views(buffer):
             return {name: buffer[o:o + n].view(dtype).view(shape) for name, (o, n, shape, dtype) in layout.items()}
         self.device, self.host = views(self._device_bytes), views(self._host_bytes)
+        # numpy views of `host`: the per-call writes are small numpy stores, which keep the
+        # GIL (a torch op releases and re-takes it, and waits for it when the executor
+        # thread holds it)
+        self.host_arrays = {name: t.numpy() for name, t in self.host.items()}
 
     def upload(self) -> None:
         if self._host_bytes is not self._device_bytes:
@@ -686,7 +695,7 @@ class PiGraphRuntime:
         """Drop missing views, pick the session and prompt bucket, stage the inputs."""
         images, image_mask = present_views(images, image_mask)
         s = self._session(images.shape[0])
-        bucket = self._bucket(int(token_mask.sum()))
+        bucket = self._bucket(int(_host(token_mask).sum()))
         self._stage_inputs(s, bucket, images, image_mask, tokens, token_mask, state, noise)
         return s, bucket
 
@@ -695,25 +704,25 @@ class PiGraphRuntime:
         to the device (stream-ordered, no host sync). Every view is present here (masked
         views were dropped), so the prefix is [images | prompt bucket] with the prompt's
         padding last."""
-        h = s.inputs.host
-        prompt_valid = token_mask[:bucket].numpy()
+        h = s.inputs.host_arrays
+        prompt_valid = _host(token_mask)[:bucket].astype(bool)
         prefix_len = s.image_tokens + bucket
         valid = s.image_tokens + int(prompt_valid.sum())
-        h["tokens"][:bucket].copy_(tokens[:bucket])
-        bias = h["key_bias"].numpy()
+        h["tokens"][:bucket] = _host(tokens)[:bucket]
+        bias = h["key_bias"]
         bias[:prefix_len + s.suffix_len] = 0.0
         bias[s.image_tokens:prefix_len][~prompt_valid] = MASKED_LOGIT
-        positions = h["positions"].numpy()
+        positions = h["positions"]
         positions[:s.image_tokens] = np.arange(s.image_tokens)
         # Padding takes the last valid position (never used: it is masked as a key).
         positions[s.image_tokens:prefix_len] = np.maximum(np.cumsum(prompt_valid) + s.image_tokens - 1, 0)
         h["valid_keys"][0] = valid
         for first in s.group_positions:
             group = h[f"positions_{first}"]
-            group.copy_(torch.arange(valid + first, valid + first + group.shape[0], dtype=torch.int32))
+            group[:] = np.arange(valid + first, valid + first + group.shape[0])
             h[f"cache_row_{first}"][0] = prefix_len + first
-        h["state"][0].copy_(state)
-        h["noise"].copy_(noise)
+        h["state"][0] = _host(state)
+        h["noise"][:] = _host(noise)
         s.inputs.upload()
         if s.images_host is not s.images:
             # numpy's copy: one thread. torch would split these ~0.3 MB over its intra-op
