@@ -3,7 +3,7 @@
 Interface (DESIGN.md §3; parameters in flashrt_ros/params.py):
 
   subscriptions  <camera_topics>     sensor_msgs/Image, or CompressedImage for topics
-                                     ending in '/compressed' (sensor-data QoS)
+                                     ending in '/compressed' (best effort, depth 1)
                  <joint_state_topic> sensor_msgs/JointState (sensor-data QoS)
                  ~/prompt            std_msgs/String (reliable); newest of topic and
                                      the 'prompt' parameter wins
@@ -102,7 +102,7 @@ from rclpy.duration import Duration
 from rclpy.exceptions import ParameterUninitializedException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
-from rclpy.qos import (QoSDurabilityPolicy, QoSProfile, QoSReliabilityPolicy,
+from rclpy.qos import (QoSDurabilityPolicy, QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy,
                        qos_profile_sensor_data)
 from rclpy.time import Time
 
@@ -116,6 +116,13 @@ from flashrt_ros.observation import CameraFrame, ObservationBuffer, Sample, Skip
 
 # Commands: reliable, a few deep (a late subscriber does not need old chunks).
 OUTPUT_QOS = QoSProfile(depth=5, reliability=QoSReliabilityPolicy.RELIABLE,
+                        durability=QoSDurabilityPolicy.VOLATILE)
+# Cameras: sensor data, but one frame deep. Only the newest frame is used, and each one
+# is converted (decoded, resized) on the executor as it is taken: with sensor-data QoS's
+# 5, an executor that fell behind converted the backlog first, ~1-3 ms a full-size frame,
+# stretching the stall that made the backlog.
+CAMERA_QOS = QoSProfile(depth=1, history=QoSHistoryPolicy.KEEP_LAST,
+                        reliability=QoSReliabilityPolicy.BEST_EFFORT,
                         durability=QoSDurabilityPolicy.VOLATILE)
 # Volatile reliable is compatible with both volatile and transient-local publishers.
 PROMPT_QOS = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
@@ -612,8 +619,7 @@ class PolicyNode(LifecycleNode):
         for topic in engine.camera_topics:
             msg_type = CompressedImage if conversions.is_compressed_topic(topic) else Image
             engine.subscriptions.append(self.create_subscription(
-                msg_type, topic, store_frame(topic), qos_profile_sensor_data,
-                callback_group=self._input_group))
+                msg_type, topic, store_frame(topic), CAMERA_QOS, callback_group=self._input_group))
         engine.subscriptions.append(self.create_subscription(
             JointState, engine.joint_state_topic, store(engine.joint_state_topic),
             qos_profile_sensor_data, callback_group=self._input_group))

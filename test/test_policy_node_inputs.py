@@ -364,6 +364,42 @@ def test_periods_the_stalled_executor_never_ran_count_as_skipped(make_graph):
     graph.policy.destroy_timer(stall_timer)
 
 
+def test_after_a_stall_only_the_newest_frame_of_each_camera_is_converted(make_graph, monkeypatch):
+    """Camera topics keep one frame: an executor that was held up converts each camera's
+    newest frame, not the backlog that queued meanwhile (each conversion is executor
+    time, ~1-3 ms a full-size frame, which would stretch the stall further)."""
+    from flashrt_ros import conversions, policy_node
+
+    graph, _, _ = publishing_policy(make_graph, {"rate_hz": 20.0})
+    converted = []  # (camera stamp, time of the conversion), ns
+
+    def counting(msg, image_size):
+        converted.append((conversions.stamp_to_ns(msg.header.stamp), time.time_ns()))
+        return real_camera_frame(msg, image_size)
+
+    real_camera_frame = policy_node.camera_frame
+    monkeypatch.setattr(policy_node, "camera_frame", counting)
+    stall_end = []
+    stalled = threading.Event()
+
+    def stall_once():  # on the policy node's executor; the robot publishes at 30 Hz meanwhile
+        stall_timer.cancel()
+        time.sleep(0.4)  # 12 robot frames per camera
+        stall_end.append(time.time_ns())
+        stalled.set()
+
+    stall_timer = graph.policy.create_timer(0.01, stall_once)
+    assert stalled.wait(timeout=10)
+    assert flowing(graph)
+    graph.policy.destroy_timer(stall_timer)
+    after = [stamp for stamp, at in converted if at >= stall_end[0]]
+    assert after, "no frame converted after the stall"
+    # Frames stamped more than 2.5 robot periods before the stall ended were not the
+    # newest when it ended: a depth-5 queue hands over 2-3 such frames per camera.
+    stale = [stamp for stamp in after if stamp < stall_end[0] - 2.5e9 / 30]
+    assert stale == [], f"{len(stale)} stale frames converted after the stall"
+
+
 def test_ticks_do_not_pile_up_behind_a_slow_engine(make_graph):
     graph, policy, real_predict = publishing_policy(make_graph, {"rate_hz": 20.0})
 
