@@ -3,7 +3,7 @@
 Interface (DESIGN.md §3; parameters in flashrt_ros/params.py):
 
   subscriptions  <camera_topics>     sensor_msgs/Image, or CompressedImage for topics
-                                     ending in '/compressed' (best effort, depth 1)
+                                     ending in '/compressed' (sensor-data QoS, depth 1)
                  <joint_state_topic> sensor_msgs/JointState (sensor-data QoS)
                  ~/prompt            std_msgs/String (reliable); newest of topic and
                                      the 'prompt' parameter wins
@@ -117,7 +117,7 @@ from flashrt_ros.observation import CameraFrame, ObservationBuffer, Sample, Skip
 # Commands: reliable, a few deep (a late subscriber does not need old chunks).
 OUTPUT_QOS = QoSProfile(depth=5, reliability=QoSReliabilityPolicy.RELIABLE,
                         durability=QoSDurabilityPolicy.VOLATILE)
-# Cameras: sensor data, but one frame deep. Only the newest frame is used, and each one
+# Cameras: sensor-data QoS (best effort, volatile: same compatibility), one frame deep. Only the newest frame is used, and each one
 # is converted (decoded, resized) on the executor as it is taken: with sensor-data QoS's
 # 5, an executor that fell behind converted the backlog first, ~1-3 ms a full-size frame,
 # stretching the stall that made the backlog.
