@@ -117,10 +117,11 @@ from flashrt_ros.observation import CameraFrame, ObservationBuffer, Sample, Skip
 # Commands: reliable, a few deep (a late subscriber does not need old chunks).
 OUTPUT_QOS = QoSProfile(depth=5, reliability=QoSReliabilityPolicy.RELIABLE,
                         durability=QoSDurabilityPolicy.VOLATILE)
-# Cameras: sensor-data QoS (best effort, volatile: same compatibility), one frame deep. Only the newest frame is used, and each one
-# is converted (decoded, resized) on the executor as it is taken: with sensor-data QoS's
-# 5, an executor that fell behind converted the backlog first, ~1-3 ms a full-size frame,
-# stretching the stall that made the backlog.
+# Cameras: sensor-data QoS (best effort, volatile: same compatibility), one frame deep.
+# Only the newest frame is used, and each one is converted (decoded, resized) on the
+# executor as it is taken: with sensor-data QoS's depth 5, an executor that fell behind
+# converted the backlog first, ~1-3 ms a full-size frame, stretching the stall that made
+# the backlog.
 CAMERA_QOS = QoSProfile(depth=1, history=QoSHistoryPolicy.KEEP_LAST,
                         reliability=QoSReliabilityPolicy.BEST_EFFORT,
                         durability=QoSDurabilityPolicy.VOLATILE)
