@@ -8,8 +8,9 @@
 //
 // Either half may be absent: without res only the embedding runs (before the first
 // step), without W_in no embedding (the last step; Pi0, whose embedding goes on
-// through its time MLP). Before this kernel those were 5-7 launches a step (norm, two
-// casts, two fp32 cuBLAS GEMMs, Euler), none of them PDL, ~40 us a step on the H100.
+// through its time MLP). Before this kernel those were 6 launches a step (norm, two
+// casts, two fp32 cuBLAS GEMMs, Euler), none of them PDL: 19 us of kernel time a step on
+// the H100, against 8.4 us for this one (PDL off; 0.15 ms a Pi0.5 forward in all).
 //
 // One cluster of 8 blocks. Every block normalizes all rows (H x D is small), block c
 // computes the velocity columns [c * A/8, ...) and writes its new x_t values into every
