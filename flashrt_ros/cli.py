@@ -17,9 +17,9 @@ from typing import Any, NoReturn
 
 import yaml
 
-from flashrt_ros.params import (BOOL, POLICY_NODE_NAME, POLICY_PARAMETERS_BY_NAME,
-                                SUPPORTED_POLICY_MODELS, Param, ParameterValueError,
-                                validate_overrides)
+from flashrt_ros.params import (BOOL, EXECUTOR_ENV, EXECUTORS, POLICY_NODE_NAME,
+                                POLICY_PARAMETERS_BY_NAME, SUPPORTED_POLICY_MODELS, Param,
+                                ParameterValueError, validate_overrides)
 
 PROG = "flashrt-ros"
 EXIT_BAD_INPUT = 2
@@ -157,7 +157,14 @@ def resolve_run(args: argparse.Namespace) -> tuple[str, Path, dict[str, Any]]:
     return args.model, checkpoint.resolve(), values
 
 
+def use_executor(args: argparse.Namespace) -> None:
+    """--executor: for this process and what it starts (the demo's robot process)."""
+    if args.executor:
+        os.environ[EXECUTOR_ENV] = args.executor
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    use_executor(args)
     model, checkpoint, values = resolve_run(args)
     if args.check:
         print(f"{PROG}: {model} on {checkpoint}: {len(values)} parameter(s) OK")
@@ -177,6 +184,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for name in ("rate", "robot_rate"):
         if not 0 < getattr(args, name) <= 1000:
             raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1000], got {getattr(args, name)}")
+    use_executor(args)
     demo = _import("flashrt_ros.demo", "the demo")
     return demo.main(duration=args.duration, model=args.model, checkpoint=args.checkpoint, rate_hz=args.rate,
                      device=args.device, precision=args.precision, robot_rate_hz=args.robot_rate,
@@ -286,6 +294,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+EXECUTOR_HELP = (f"rclpy executor spinning the node: {EXECUTORS[0]} (default) or events "
+                 f"(rclpy.experimental.EventsExecutor, less executor CPU per callback); "
+                 f"launch files read ${EXECUTOR_ENV}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Realtime VLA policies as ROS 2 nodes.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
@@ -304,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override one parameter (repeatable); wins over --params")
     run.add_argument("--check", action="store_true",
                      help="only validate the arguments and params file, then exit")
+    run.add_argument("--executor", choices=EXECUTORS, help=EXECUTOR_HELP)
     run.set_defaults(handler=cmd_run)
 
     demo = sub.add_parser(
@@ -326,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "their own (as a real robot; the default when the engine runs on "
                            "CUDA) or the node's process (the default on the CPU)")
     demo.add_argument("--json", metavar="FILE", help="also write the summary's numbers here")
+    demo.add_argument("--executor", choices=EXECUTORS, help=EXECUTOR_HELP)
     demo.set_defaults(handler=cmd_demo)
 
     sub.add_parser("bench", help="engine benchmarks (all arguments go to the benchmark)")

@@ -13,6 +13,7 @@ down at once, and a node whose context is gone cannot publish its hold.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -25,10 +26,26 @@ from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 
-from flashrt_ros.params import POLICY_NODE_NAME
+from flashrt_ros.params import EXECUTOR_ENV, EXECUTORS, POLICY_NODE_NAME
+
+
+def executor_kind() -> str:
+    """The executor named by $FLASHRT_EXECUTOR (flashrt_ros.params.EXECUTORS)."""
+    kind = os.environ.get(EXECUTOR_ENV, "") or EXECUTORS[0]
+    if kind not in EXECUTORS:
+        raise ValueError(f"{EXECUTOR_ENV}={kind!r}: expected one of {', '.join(EXECUTORS)}")
+    return kind
+
+
+def make_executor(kind: str, context=None):
+    if kind == "events":
+        from rclpy.experimental import EventsExecutor
+        return EventsExecutor(context=context)
+    return SingleThreadedExecutor(context=context)
+
 
 class Spinner:
-    """Spins each node on its own SingleThreadedExecutor, in its own thread.
+    """Spins each node on its own executor (executor_kind()), in its own thread.
 
     Not rclpy's MultiThreadedExecutor: in Jazzy (rclpy 7.1) its spin thread re-yields
     callbacks that are submitted but not yet started, busy-looping with the GIL held;
@@ -47,14 +64,15 @@ class Spinner:
 
     def __init__(self, nodes, context=None):
         self._context = context
+        self._kind = executor_kind()
         self._running = False
         self._stopping = threading.Event()
-        self._spinning: list[tuple[SingleThreadedExecutor, threading.Thread]] = []
+        self._spinning: list[tuple[object, threading.Thread]] = []
         for node in nodes:
             self.add_node(node)
 
     def add_node(self, node) -> None:
-        executor = SingleThreadedExecutor(context=self._context)
+        executor = make_executor(self._kind, self._context)
         executor.add_node(node)
         thread = threading.Thread(target=self._spin, args=(executor,), name=f"spin-{node.get_name()}",
                                   daemon=True)
@@ -62,7 +80,7 @@ class Spinner:
         if self._running:
             thread.start()
 
-    def _spin(self, executor: SingleThreadedExecutor) -> None:
+    def _spin(self, executor) -> None:
         while not self._stopping.is_set() and executor.context.ok():
             executor.spin_once(timeout_sec=self.WAKE_S)
 

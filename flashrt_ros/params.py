@@ -11,6 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+# Which rclpy executor spins the node (process-wide, not a node parameter): set by
+# `flashrt-ros run / demo --executor`, read from the environment by the launcher, so
+# launch files pass it on too. "single-threaded": rclpy's SingleThreadedExecutor (the
+# default). "events": rclpy.experimental.EventsExecutor, which dispatches callbacks from
+# C++ (~40% less executor CPU per callback in a CPU micro-benchmark; experimental in
+# Jazzy).
+EXECUTOR_ENV = "FLASHRT_EXECUTOR"
+EXECUTORS = ("single-threaded", "events")
+
 STRING, INT, FLOAT, BOOL, STRING_ARRAY, FLOAT_ARRAY = (
     "string", "int", "float", "bool", "string_array", "float_array")
 

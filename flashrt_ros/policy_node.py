@@ -318,7 +318,7 @@ class PolicyNode(LifecycleNode):
                                                     thread_name_prefix="flashrt-publish")
         # Set on the engine thread when the engine must stop; see the module docstring.
         self._fault: EngineFault | None = None
-        self._fault_guard = self.create_guard_condition(self._deactivate_after_fault)
+        self._fault_timer = None  # one-shot: see _engine_failed
         # FP8: activation found no usable observation; the first tick that has one calibrates.
         self._fp8_calibration_pending = False
 
@@ -854,11 +854,16 @@ class PolicyNode(LifecycleNode):
         self._fault = fault
         self.health.record_fault(fault.reason, fault.advice)
         self.get_logger().error(f"engine stopped: {fault.reason}; {fault.advice}")
-        self._fault_guard.trigger()
+        # Deactivate on the executor thread, through a one-shot timer created here: the
+        # same under every executor (rclpy's EventsExecutor takes no guard conditions).
+        self._fault_timer = self.create_timer(0.0, self._deactivate_after_fault)
 
     def _deactivate_after_fault(self) -> None:
-        """Guard-condition callback (executor thread): active -> inactive after a fault,
+        """One-shot timer callback (executor thread): active -> inactive after a fault,
         the same transition as a requested deactivate (so the hold is published)."""
+        timer, self._fault_timer = self._fault_timer, None
+        if timer is not None:
+            self.destroy_timer(timer)
         if self._fault is None or self._state_machine.current_state[1] != "active":
             return
         self.get_logger().error("deactivating after the engine fault")

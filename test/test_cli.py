@@ -72,6 +72,8 @@ BAD_INPUTS = {
         "parameter 'num_steps' must be an integer"),
     "unknown subcommand": (lambda d, t: ["fly"], "invalid choice: 'fly'"),
     "demo duration": (lambda d, t: ["demo", "--duration", "0"], "--duration must be > 0"),
+    "unknown executor": (lambda d, t: ["demo", "--executor", "multi-threaded"],
+                         "invalid choice: 'multi-threaded'"),
 }
 
 
@@ -104,6 +106,15 @@ def test_set_wins_over_params_file(checkpoint_dir, tmp_path):
     model, checkpoint, values = cli.resolve_run(args)
     assert (model, checkpoint) == ("pi05", checkpoint_dir.resolve())
     assert values == {"rate_hz": 40.0, "prompt": "from file", "use_sim_time": True}
+
+
+@pytest.mark.ros
+def test_an_unknown_executor_in_the_environment_is_refused(monkeypatch):
+    from flashrt_ros import launcher
+
+    monkeypatch.setenv("FLASHRT_EXECUTOR", "multi-threaded")
+    with pytest.raises(ValueError, match="'multi-threaded': expected one of single-threaded, events"):
+        launcher.Spinner([])
 
 
 def test_missing_delegate_module_is_one_line(capsys):
@@ -197,12 +208,13 @@ def start_run(command: str, *args) -> tuple[subprocess.Popen, OutputWatcher]:
 
 
 @pytest.mark.ros
+@pytest.mark.parametrize("executor", [[], ["--executor", "events"]], ids=["default", "events"])
 def test_run_brings_the_node_to_active_and_down_on_sigint(
-        flashrt_ros_command, tiny_checkpoint, joint_names, action_names, tmp_path):
+        flashrt_ros_command, tiny_checkpoint, joint_names, action_names, tmp_path, executor):
     params = params_file(tmp_path, f"device: cpu\njoint_names: {joint_names}\n"
                                    f"action_names: {action_names}")
     process, output = start_run(flashrt_ros_command, "pi05", "--checkpoint", tiny_checkpoint,
-                                "--params", params, "--set", "rate_hz=5")
+                                "--params", params, "--set", "rate_hz=5", *executor)
     try:
         active = output.wait("active: inference at 5 Hz", timeout=120)
     finally:

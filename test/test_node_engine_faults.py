@@ -226,9 +226,15 @@ def test_transient_engine_errors_skip_their_ticks_only(make_graph, faulty):
 
 
 @pytest.mark.ros
+@pytest.mark.parametrize("executor", ["single-threaded", "events"])
 def test_failures_in_a_row_deactivate_with_a_hold_then_activate_again(
-        make_graph, faulty, trajectory_joints):
+        make_graph, faulty, trajectory_joints, monkeypatch, executor):
+    """Also under rclpy's EventsExecutor (which takes no guard conditions): the fault's
+    deactivation, the hold, /diagnostics, ~/predict and the re-activation."""
+    monkeypatch.setenv("FLASHRT_EXECUTOR", executor)
     graph = make_graph(parameters={"max_consecutive_engine_failures": 4})
+    assert type(graph.spinner._spinning[0][0]).__name__ == (
+        "EventsExecutor" if executor == "events" else "SingleThreadedExecutor")
     activate(graph)
     assert flowing(graph)
     policy = faulty[-1]

@@ -343,9 +343,12 @@ def test_tick_during_running_inference_waits_for_it(make_graph):
     assert 0 < health.late_start_delay.percentile(50) < 0.13
 
 
-def test_periods_the_stalled_executor_never_ran_count_as_skipped(make_graph):
+@pytest.mark.parametrize("executor", ["single-threaded", "events"])
+def test_periods_the_stalled_executor_never_ran_count_as_skipped(make_graph, monkeypatch, executor):
     """rcl's timer drops the periods its executor could not run; each counts as an
-    'executor stall' skip, as many as the stall covered, and the node goes on."""
+    'executor stall' skip, as many as the stall covered, and the node goes on (under
+    either executor the launcher offers)."""
+    monkeypatch.setenv("FLASHRT_EXECUTOR", executor)
     graph, _, _ = publishing_policy(make_graph, {"rate_hz": 20.0})
     before = skips(graph, "executor stall")
     stalled = threading.Event()
