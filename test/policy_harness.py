@@ -2,8 +2,9 @@
 
 Each test gets its own rclpy Context (isolated, shut down at the end) on a domain id
 private to the test process, a simulated robot publishing cameras + joint states, a
-recorder of everything the node publishes, and a MultiThreadedExecutor spinning in a
-background threads (flashrt_ros.launcher.Spinner, the one the launcher uses).
+recorder of everything the node publishes, each node spun by its own executor in a
+background thread (flashrt_ros.launcher.Spinner, the one the launcher uses; the kind
+from $FLASHRT_EXECUTOR).
 """
 
 from __future__ import annotations
