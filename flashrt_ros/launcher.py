@@ -39,7 +39,11 @@ def executor_kind() -> str:
 
 def make_executor(kind: str, context=None):
     if kind == "events":
-        from rclpy.experimental import EventsExecutor
+        try:
+            from rclpy.experimental import EventsExecutor
+        except ImportError as error:  # rclpy before 7.1.4 (Jazzy's backport)
+            raise RuntimeError(f"{EXECUTOR_ENV}=events: this rclpy has no EventsExecutor ({error}); "
+                               f"use {EXECUTORS[0]}") from None
         return EventsExecutor(context=context)
     return SingleThreadedExecutor(context=context)
 

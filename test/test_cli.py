@@ -117,6 +117,17 @@ def test_an_unknown_executor_in_the_environment_is_refused(monkeypatch):
         launcher.Spinner([])
 
 
+@pytest.mark.ros
+def test_events_executor_without_rclpy_support_is_a_clear_error(monkeypatch):
+    import sys
+
+    from flashrt_ros import launcher
+
+    monkeypatch.setitem(sys.modules, "rclpy.experimental", None)  # as on rclpy < 7.1.4
+    with pytest.raises(RuntimeError, match="this rclpy has no EventsExecutor"):
+        launcher.make_executor("events")
+
+
 def test_missing_delegate_module_is_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli._import("flashrt_ros.no_such_module", "the thing")
