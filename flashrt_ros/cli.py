@@ -274,9 +274,16 @@ def _doctor_ros() -> list[tuple[str, str]]:
         rmw = get_rmw_implementation_identifier()
     except Exception as exc:  # the RMW library itself failed to load
         rmw = f"failed to load ({exc})"
+    try:
+        from rclpy.experimental import EventsExecutor  # noqa: F401 - availability only
+        events = "events available (--executor events)"
+    except ImportError:
+        events = "events not in this rclpy (7.1.4+)"
+    chosen = os.environ.get(EXECUTOR_ENV) or EXECUTORS[0]
     return [("ros distro", distro),
             ("rclpy", f"{version} ({Path(rclpy.__file__).parent})"),
-            ("rmw", rmw)]
+            ("rmw", rmw),
+            ("executor", f"{chosen} (${EXECUTOR_ENV}); {events}")]
 
 
 def doctor_report() -> list[tuple[str, str]]:

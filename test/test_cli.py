@@ -141,7 +141,9 @@ def test_doctor_prints_every_section(flashrt_ros_command):
     result = flashrt_ros(flashrt_ros_command, "doctor")
     assert result.returncode == 0, result.stderr
     labels = {line.split(":", 1)[0] for line in result.stdout.splitlines()}
-    assert {"python", "torch", "cuda kernels", "ros distro", "rclpy", "rmw"} <= labels
+    assert {"python", "torch", "cuda kernels", "ros distro", "rclpy", "rmw", "executor"} <= labels
+    executor = next(line for line in result.stdout.splitlines() if line.startswith("executor:"))
+    assert "($FLASHRT_EXECUTOR)" in executor and "events" in executor
     assert "gpu" in labels or any(label.startswith("gpu ") for label in labels)
     assert f"{sys.version_info.major}.{sys.version_info.minor}" in result.stdout
     if "gpu:" in result.stdout:
