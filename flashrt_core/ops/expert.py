@@ -444,11 +444,9 @@ def velocity_euler_embed(x_t, *, res=None, norm=None, w_out=None, b_out=None, dt
         _check_rows(op, "res", res, X_DTYPES, rows, dim)
         if type(norm) not in (RmsNorm, AdaRmsNorm):
             _fail(op, f"res needs norm RmsNorm or AdaRmsNorm, got {type(norm).__name__}")
-        for name, t in (("norm.weight", getattr(norm, "weight", None)), ("norm.scale", getattr(norm, "scale", None)),
-                        ("norm.shift", getattr(norm, "shift", None))):
-            if t is not None:
-                _check_tensor(op, name, t, f32, ndim=1)
-                _check_shape(op, name, t, (dim,))
+        for t in _norm_vectors(norm):
+            _check_tensor(op, "norm vector", t, f32, ndim=1)
+            _check_shape(op, "norm vector", t, (dim,))
         _check_tensor(op, "w_out", w_out, f32, ndim=2)
         _check_shape(op, "w_out", w_out, (actions, dim))
         _check_tensor(op, "b_out", b_out, f32, ndim=1)
@@ -462,8 +460,9 @@ def velocity_euler_embed(x_t, *, res=None, norm=None, w_out=None, b_out=None, dt
         if out is None:
             _fail(op, "the embedding needs out")
         _check_rows(op, "out", out, X_DTYPES, rows, dim)
-    vectors = (norm.weight, None) if isinstance(norm, RmsNorm) else (
-        (norm.scale, norm.shift) if isinstance(norm, AdaRmsNorm) else (None, None))
+    # RMS: (weight,); adaRMS: (scale, shift); no velocity half: nothing
+    vectors = _norm_vectors(norm) if res is not None else ()
+    norm_weight, norm_shift = (*vectors, None, None)[:2]
     tensors = (x_t, res, *vectors, w_out, b_out, w_in, b_in, out)
     for t in tensors:
         if t is not None and t.device != x_t.device:
@@ -478,8 +477,8 @@ def velocity_euler_embed(x_t, *, res=None, norm=None, w_out=None, b_out=None, dt
                                          b_in=b_in, out=out)
     launch = launch or LinearLaunch()
     _launch(module.velocity_euler_embed, x_t.device, res=_ptr(res), res_row_stride=0 if res is None else _row_stride(res),
-            prologue=_PROLOGUE[type(norm)] if res is not None else 0, norm_weight=_ptr(vectors[0]),
-            norm_shift=_ptr(vectors[1]), eps=float(norm.eps) if res is not None else 0.0, w_out=_ptr(w_out),
+            prologue=_PROLOGUE[type(norm)] if res is not None else 0, norm_weight=_ptr(norm_weight),
+            norm_shift=_ptr(norm_shift), eps=float(norm.eps) if res is not None else 0.0, w_out=_ptr(w_out),
             b_out=_ptr(b_out), dt=float(dt), x_t=x_t.data_ptr(), w_in=_ptr(w_in), b_in=_ptr(b_in), out=_ptr(out),
             out_row_stride=0 if out is None else _row_stride(out), rows=rows, dim=dim, actions=actions,
             pdl=launch.pdl)
