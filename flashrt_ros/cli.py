@@ -19,7 +19,7 @@ import yaml
 
 from flashrt_ros.params import (BOOL, EXECUTOR_ENV, EXECUTORS, POLICY_NODE_NAME,
                                 POLICY_PARAMETERS_BY_NAME, SUPPORTED_POLICY_MODELS, Param,
-                                ParameterValueError, validate_overrides)
+                                ParameterValueError, executor_kind, validate_overrides)
 
 PROG = "flashrt-ros"
 EXIT_BAD_INPUT = 2
@@ -279,7 +279,10 @@ def _doctor_ros() -> list[tuple[str, str]]:
         events = "events available (--executor events)"
     except ImportError:
         events = "events not in this rclpy (7.1.4+)"
-    chosen = os.environ.get(EXECUTOR_ENV) or EXECUTORS[0]
+    try:
+        chosen = executor_kind()
+    except ValueError as exc:
+        chosen = f"invalid ({exc})"
     return [("ros distro", distro),
             ("rclpy", f"{version} ({Path(rclpy.__file__).parent})"),
             ("rmw", rmw),

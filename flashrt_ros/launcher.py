@@ -13,7 +13,6 @@ down at once, and a node whose context is gone cannot publish its hold.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 import time
@@ -26,15 +25,7 @@ from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 
-from flashrt_ros.params import EXECUTOR_ENV, EXECUTORS, POLICY_NODE_NAME
-
-
-def executor_kind() -> str:
-    """The executor named by $FLASHRT_EXECUTOR (flashrt_ros.params.EXECUTORS)."""
-    kind = os.environ.get(EXECUTOR_ENV, "") or EXECUTORS[0]
-    if kind not in EXECUTORS:
-        raise ValueError(f"{EXECUTOR_ENV}={kind!r}: expected one of {', '.join(EXECUTORS)}")
-    return kind
+from flashrt_ros.params import EXECUTOR_ENV, EXECUTORS, POLICY_NODE_NAME, executor_kind
 
 
 def make_executor(kind: str, context=None):

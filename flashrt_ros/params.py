@@ -8,6 +8,7 @@ ParameterDescriptor (description, range, read_only).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,14 @@ from typing import Any
 # Jazzy).
 EXECUTOR_ENV = "FLASHRT_EXECUTOR"
 EXECUTORS = ("single-threaded", "events")
+
+
+def executor_kind() -> str:
+    """The executor named by $FLASHRT_EXECUTOR (unset or empty: the first of EXECUTORS)."""
+    kind = os.environ.get(EXECUTOR_ENV, "") or EXECUTORS[0]
+    if kind not in EXECUTORS:
+        raise ValueError(f"{EXECUTOR_ENV}={kind!r}: expected one of {', '.join(EXECUTORS)}")
+    return kind
 
 STRING, INT, FLOAT, BOOL, STRING_ARRAY, FLOAT_ARRAY = (
     "string", "int", "float", "bool", "string_array", "float_array")

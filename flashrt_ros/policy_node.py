@@ -38,7 +38,8 @@ skipped too ('executor stall'): every period either publishes a chunk or is coun
 The engine is used by one caller at a time (tick or ~/predict) under a lock. ~/predict
 waits for its inference on the executor thread (a one-shot, non-realtime call; ticks
 resume after it). Any executor works; flashrt_ros.launcher spins each node on its own
-single-threaded one.
+single-threaded one, or EventsExecutor (FLASHRT_EXECUTOR=events): so the node creates
+no guard condition, which EventsExecutor rejects.
 
 Safety: a chunk with a non-finite value is never published; values are clamped to
 joint_limits_lower/upper after that check (clamping would hide an inf).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -143,13 +144,20 @@ def test_doctor_prints_every_section(flashrt_ros_command):
     labels = {line.split(":", 1)[0] for line in result.stdout.splitlines()}
     assert {"python", "torch", "cuda kernels", "ros distro", "rclpy", "rmw", "executor"} <= labels
     executor = next(line for line in result.stdout.splitlines() if line.startswith("executor:"))
-    assert "($FLASHRT_EXECUTOR)" in executor and "events" in executor
+    assert executor.split()[1] == (os.environ.get("FLASHRT_EXECUTOR") or "single-threaded"), executor
     assert "gpu" in labels or any(label.startswith("gpu ") for label in labels)
     assert f"{sys.version_info.major}.{sys.version_info.minor}" in result.stdout
     if "gpu:" in result.stdout:
         assert "no CUDA device" in result.stdout
     else:
         assert "compute capability" in result.stdout
+
+
+def test_doctor_reports_an_invalid_executor_instead_of_failing(flashrt_ros_command):
+    result = subprocess.run([flashrt_ros_command, "doctor"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "FLASHRT_EXECUTOR": "multi-threaded"})
+    assert result.returncode == 0, result.stderr
+    assert "executor:      invalid (FLASHRT_EXECUTOR='multi-threaded'" in result.stdout
 
 
 def test_help_lists_the_subcommands(flashrt_ros_command):
