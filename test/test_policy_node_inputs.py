@@ -370,7 +370,7 @@ def test_periods_the_stalled_executor_never_ran_count_as_skipped(make_graph, mon
 def test_after_a_stall_only_the_newest_frame_of_each_camera_is_converted(make_graph, monkeypatch):
     """Camera topics keep one frame: an executor that was held up converts each camera's
     newest frame, not the backlog that queued meanwhile (each conversion is executor
-    time, ~1-3 ms a full-size frame, which would stretch the stall further)."""
+    time, 1-4.5 ms a frame on a 2-core CPU, which would stretch the stall further)."""
     from flashrt_ros import conversions, policy_node
 
     graph, _, _ = publishing_policy(make_graph, {"rate_hz": 20.0})
