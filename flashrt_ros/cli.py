@@ -188,7 +188,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     demo = _import("flashrt_ros.demo", "the demo")
     return demo.main(duration=args.duration, model=args.model, checkpoint=args.checkpoint, rate_hz=args.rate,
                      device=args.device, precision=args.precision, robot_rate_hz=args.robot_rate,
-                     json_path=args.json, robot=args.robot)
+                     json_path=args.json, robot=args.robot, host_probe=not args.no_host_probe)
 
 
 def cmd_bench(argv: list[str]) -> int:
@@ -298,9 +298,28 @@ def doctor_report() -> list[tuple[str, str]]:
     return lines
 
 
+def host_pause_line(seconds: float) -> str:
+    """doctor --host-pauses: the host-pause probe (flashrt_ros/host_pauses.py) for
+    `seconds` in this process: whether the host stops processes for longer than a
+    control period's slack."""
+    from flashrt_ros.host_pauses import THRESHOLD_S, probe
+
+    result = probe(seconds)
+    line = (f"{len(result.pauses)} wake-ups over {THRESHOLD_S * 1e3:g} ms late in {seconds:g} s "
+            f"(longest {result.longest_s * 1e3:.1f} ms); lateness p99 {result.late_p99_s * 1e3:.2f} ms")
+    extras = [f"{name} {value:.2f}%" for name, value in (("steal", result.steal_percent),
+                                                          ("CPU pressure", result.cpu_pressure_percent))
+              if value is not None]
+    return line + ("; " + ", ".join(extras) if extras else "")
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
+    if args.host_pauses < 0:
+        raise UsageError(f"--host-pauses must be >= 0, got {args.host_pauses}")
     for label, value in doctor_report():
-        print(f"{label + ':':<15}{value}")
+        print(f"{label + ':':<15}{value}", flush=True)
+    if args.host_pauses:
+        print(f"{'host pauses:':<15}{host_pause_line(args.host_pauses)}")
     return 0
 
 
@@ -351,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "CUDA) or the node's process (the default on the CPU)")
     demo.add_argument("--json", metavar="FILE", help="also write the summary's numbers here")
     demo.add_argument("--executor", choices=EXECUTORS, help=EXECUTOR_HELP)
+    demo.add_argument("--no-host-probe", action="store_true",
+                      help="do not run the host-pause probe process beside the node (it tells "
+                           "which skipped ticks came while the host paused its processes)")
     demo.set_defaults(handler=cmd_demo)
 
     sub.add_parser("bench", help="engine benchmarks (all arguments go to the benchmark)")
@@ -358,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "arguments go to the node, e.g. --ros-args ...)")
 
     doctor = sub.add_parser("doctor", help="print GPU, CUDA extension, torch and ROS versions")
+    doctor.add_argument("--host-pauses", type=float, default=0.0, metavar="S",
+                        help="also probe this host for S seconds: how often, and how long, it "
+                             "pauses a process that wakes every millisecond (default 0: off)")
     doctor.set_defaults(handler=cmd_doctor)
     return parser
 

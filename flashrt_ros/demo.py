@@ -20,7 +20,10 @@ the whole run (the node keeps RUN_WINDOW samples; its /diagnostics still reports
 newest DIAGNOSTICS_WINDOW). The garbage collector's pauses while the node was active
 (flashrt_ros/gc_pauses.py): collections per generation, pause percentiles and longest,
 and the time of each pause of 1 ms or more beside the time of each skipped tick
-(seconds since activation), to tell whether a skip followed a collection.
+(seconds since activation), to tell whether a skip followed a collection. The host's
+own pauses (flashrt_ros/host_pauses.py: a probe in a process of its own, waking every
+millisecond): how many, the longest, and which skipped ticks came during or within
+HOST_PAUSE_GRACE_PERIODS policy periods after one, i.e. were the host's, not the node's.
 
 Everything is real ROS 2 (rclpy over DDS) and the real engine; only the robot and the
 checkpoint's weights are synthetic.
@@ -41,6 +44,7 @@ import numpy as np
 from rclpy.node import Node
 
 from flashrt_ros import conversions, launcher
+from flashrt_ros.host_pauses import THRESHOLD_S, HostPauseProbe, attribute
 from flashrt_ros.diagnostics import INFERENCE_PHASES, RollingWindow
 from flashrt_ros.gc_pauses import SLOW_PAUSE_S
 from flashrt_ros.params import POLICY_NODE_NAME
@@ -57,6 +61,10 @@ CONNECT_TIMEOUT_S = 60.0  # for the robot to start and match the node's topics
 # the node's default window of the newest 200 that /diagnostics reports.
 RUN_WINDOW = 60_000
 _SPAWN = multiprocessing.get_context("spawn")  # never fork a process running DDS threads
+# A skip is counted when the node's next callback runs after the time it lost: up to a
+# couple of periods after a host pause that caused it.
+HOST_PAUSE_GRACE_PERIODS = 3
+HOST_PAUSES_LISTED = 200
 
 
 def demo_checkpoint(model: str) -> Path:
@@ -298,9 +306,11 @@ def resolve_robot(robot: str, device: str) -> str:
     return "own-process" if on_cuda else "same-process"
 
 
-def results(policy, active_since: float, active_seconds: float, consumer: dict, robot: str) -> dict:
+def results(policy, active_since: float, active_seconds: float, consumer: dict, robot: str,
+            host_probe=None) -> dict:
     """The run's numbers (what summary() prints), for --json. active_since:
-    time.monotonic() at activation."""
+    time.monotonic() at activation; host_probe: the ProbeResult of a HostPauseProbe
+    that ran over the active window (None: no probe, or it did not report)."""
     health = policy.health
     out = {"published": health.published, "active_seconds": active_seconds,
            "rate_hz": health.published / max(active_seconds, 1e-9),
@@ -315,6 +325,26 @@ def results(policy, active_since: float, active_seconds: float, consumer: dict, 
         out.update(_percentiles_ms(name, window))
     out.update({k: v for k, v in consumer.items() if k.startswith("observation_to_receive")})
     out.update(gc_results(policy.gc_pauses, health, active_since))
+    out.update(host_results(host_probe, health, active_since, active_seconds, out["target_hz"]))
+    return out
+
+
+def host_results(probe, health, active_since: float, active_seconds: float, rate_hz: float) -> dict:
+    """The host's pauses over the active window (the probe process's view) and, for
+    each skipped tick, whether it came during or just after one (see the module
+    docstring); the skips gain an 'after_host_pause' flag."""
+    if probe is None:
+        return {"host_probe": False}
+    pauses = [p for p in probe.pauses if active_since <= p.ended and p.started <= active_since + active_seconds]
+    skip_times = [at for at, _ in health.skip_times]
+    flags = attribute(skip_times, pauses, grace_s=HOST_PAUSE_GRACE_PERIODS / rate_hz)
+    out = {"host_probe": True, "host_pause_threshold_ms": THRESHOLD_S * 1e3,
+           "host_pause_count": len(pauses), "host_pause_max_ms": max((p.seconds for p in pauses), default=0) * 1e3,
+           "host_late_p99_ms": None if probe.late_p99_s is None else probe.late_p99_s * 1e3,
+           "host_steal_percent": probe.steal_percent, "host_cpu_pressure_percent": probe.cpu_pressure_percent,
+           "host_pauses": [{"at_s": p.started - active_since, "ms": p.seconds * 1e3}
+                           for p in pauses[:HOST_PAUSES_LISTED]],
+           "skipped_after_host_pause": sum(flags)}
     return out
 
 
@@ -329,7 +359,7 @@ def gc_results(gc_pauses, health, active_since: float) -> dict:
                               "ms": seconds * 1e3}
                              for ended, generation, seconds in gc_pauses.slow_pauses()]
     out["skipped_at"] = [{"at_s": at - active_since, "reason": reason}
-                         for at, reason in health.skip_times]
+                         for at, reason in health.skip_times]  # host_results adds the host's part
     return out
 
 
@@ -366,6 +396,12 @@ def summary(numbers: dict) -> str:
     if numbers["late_starts"]:
         lines.append(f"ticks started late (waited for the previous inference): {numbers['late_starts']}, "
                      f"delay p50 {numbers['late_start_p50_ms']:.1f} ms, p99 {numbers['late_start_p99_ms']:.1f} ms")
+    if numbers.get("host_probe"):
+        skipped_total = sum(skipped.values())
+        lines.append(f"host pauses (a probe process woke over {numbers['host_pause_threshold_ms']:g} ms late): "
+                     f"{numbers['host_pause_count']}, longest {numbers['host_pause_max_ms']:.1f} ms"
+                     + (f"; {numbers['skipped_after_host_pause']} of the {skipped_total} skipped ticks came "
+                        f"during or just after one" if skipped_total else ""))
     collections = "/".join(str(numbers[f"gc_collections_gen{g}"]) for g in range(3))
     lines.append(f"garbage collections while active (gen 0/1/2): {collections}, longest pause "
                  f"{numbers['gc_pause_max_ms']:.1f} ms, {numbers['gc_slow_pause_count']} "
@@ -375,12 +411,13 @@ def summary(numbers: dict) -> str:
 
 def main(duration: float = 10.0, model: str = "pi05", checkpoint: str | None = None, rate_hz: float = 20.0,
          device: str = "auto", precision: str = "auto", robot_rate_hz: float = ROBOT_RATE_HZ,
-         json_path: str | None = None, robot: str = "auto") -> int:
+         json_path: str | None = None, robot: str = "auto", host_probe: bool = True) -> int:
     """Run the demo for `duration` seconds (or until Ctrl-C); returns the exit code.
 
     checkpoint: another checkpoint than the tiny demo one (e.g. a full-size synthetic one
     on a GPU: the node's latency at a real model's size); json_path: write the numbers;
-    robot: one of ROBOT_MODES (see the module docstring)."""
+    robot: one of ROBOT_MODES; host_probe: run the host-pause probe beside the node (see
+    the module docstring)."""
     from rclpy.lifecycle import TransitionCallbackReturn
 
     from flashrt_ros.policy_node import PolicyNode
@@ -398,6 +435,7 @@ def main(duration: float = 10.0, model: str = "pi05", checkpoint: str | None = N
           f"{len(DEMO_CAMERAS)} cameras + {len(joint_names)} joints at {robot_rate_hz:g} Hz "
           f"(robot in {ROBOT_WHERE[robot]}), "
           f"policy at {rate_hz:g} Hz, prompt {DEMO_PROMPT!r}; {duration:g} s or Ctrl-C", flush=True)
+    probe = HostPauseProbe() if host_probe else None
     with launcher.ros_process() as stop:
         policy = PolicyNode(POLICY_NODE_NAME, health_window=RUN_WINDOW,
                             parameter_overrides=launcher.parameter_overrides(overrides))
@@ -409,6 +447,8 @@ def main(duration: float = 10.0, model: str = "pi05", checkpoint: str | None = N
                 if policy.trigger_configure() != TransitionCallbackReturn.SUCCESS:
                     print("demo failed: the policy node did not configure (see the log)")
                     return 1
+                if probe is not None:
+                    probe.start()  # now: its process is up before activation
                 # Activate once the robot's streams reach the node (a process of its own
                 # needs a moment to start), so no tick starts without inputs.
                 try:
@@ -429,8 +469,11 @@ def main(duration: float = 10.0, model: str = "pi05", checkpoint: str | None = N
                 launcher.wait_for(stop, timeout=duration)
                 active_seconds = time.monotonic() - started
                 launcher.bring_down(policy)
-                numbers = results(policy, started, active_seconds, robot_side.results(), robot)
+                numbers = results(policy, started, active_seconds, robot_side.results(), robot,
+                                  host_probe=None if probe is None else probe.stop())
         finally:
+            if probe is not None:
+                probe.stop()
             policy.destroy_node()
     print("summary\n" + summary(numbers), flush=True)
     if json_path:

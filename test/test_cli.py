@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -151,6 +152,17 @@ def test_doctor_prints_every_section(flashrt_ros_command):
         assert "no CUDA device" in result.stdout
     else:
         assert "compute capability" in result.stdout
+
+
+def test_doctor_probes_host_pauses_on_request(flashrt_ros_command):
+    result = flashrt_ros(flashrt_ros_command, "doctor", "--host-pauses", "0.5")
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("host pauses:"))
+    assert re.search(r"host pauses: +\d+ wake-ups over 5 ms late in 0.5 s \(longest [\d.]+ ms\); "
+                     r"lateness p99 [\d.]+ ms", line), line
+    assert "host pauses:" not in flashrt_ros(flashrt_ros_command, "doctor").stdout
+    bad = flashrt_ros(flashrt_ros_command, "doctor", "--host-pauses", "-1")
+    assert bad.returncode == 2 and "--host-pauses must be >= 0" in bad.stderr
 
 
 def test_doctor_reports_an_invalid_executor_instead_of_failing(flashrt_ros_command):

@@ -60,6 +60,25 @@ def test_demo_prints_chunks_and_a_summary(flashrt_ros_command, tiny_checkpoint, 
     assert numbers["gc_slow_pause_count"] == len(numbers["gc_slow_pauses"])
     assert len(numbers["skipped_at"]) == sum(numbers["skipped"].values())
     assert all(skip["reason"] in numbers["skipped"] for skip in numbers["skipped_at"])
+    # The host-pause probe ran beside the node, over the active window.
+    assert numbers["host_probe"] is True
+    assert numbers["host_pause_count"] == len(numbers["host_pauses"]) <= 200
+    assert all(-0.1 <= p["at_s"] <= numbers["active_seconds"] and p["ms"] > 5 for p in numbers["host_pauses"])
+    assert numbers["host_pause_max_ms"] == max([p["ms"] for p in numbers["host_pauses"]], default=0)
+    assert 0 <= numbers["skipped_after_host_pause"] <= sum(numbers["skipped"].values())
+    assert re.search(r"host pauses \(a probe process woke over 5 ms late\): \d+, longest [\d.]+ ms", out)
+
+
+def test_demo_without_the_host_probe(flashrt_ros_command, tiny_checkpoint, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "pi05_tiny").symlink_to(tiny_checkpoint)
+    env = dict(os.environ, FLASHRT_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([flashrt_ros_command, "demo", "--duration", "2", "--no-host-probe",
+                             "--json", str(tmp_path / "numbers.json")], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "host pauses" not in result.stdout
+    assert json.loads((tmp_path / "numbers.json").read_text())["host_probe"] is False
 
 
 def test_robot_runs_in_its_own_process_when_the_engine_is_on_cuda():
