@@ -44,9 +44,9 @@ import numpy as np
 from rclpy.node import Node
 
 from flashrt_ros import conversions, launcher
-from flashrt_ros.host_pauses import THRESHOLD_S, HostPauseProbe, attribute
 from flashrt_ros.diagnostics import INFERENCE_PHASES, RollingWindow
 from flashrt_ros.gc_pauses import SLOW_PAUSE_S
+from flashrt_ros.host_pauses import THRESHOLD_S, HostPauseProbe, attribute
 from flashrt_ros.params import POLICY_NODE_NAME
 
 DEMO_CAMERAS = ["demo/camera/base/image_raw", "demo/camera/wrist/image_raw/compressed"]
@@ -325,19 +325,22 @@ def results(policy, active_since: float, active_seconds: float, consumer: dict, 
         out.update(_percentiles_ms(name, window))
     out.update({k: v for k, v in consumer.items() if k.startswith("observation_to_receive")})
     out.update(gc_results(policy.gc_pauses, health, active_since))
-    out.update(host_results(host_probe, health, active_since, active_seconds, out["target_hz"]))
+    out.update(host_results(host_probe, list(health.skip_times), out["skipped_at"], active_since,
+                            active_seconds, out["target_hz"]))
     return out
 
 
-def host_results(probe, health, active_since: float, active_seconds: float, rate_hz: float) -> dict:
-    """The host's pauses over the active window (the probe process's view) and, for
-    each skipped tick, whether it came during or just after one (see the module
-    docstring); the skips gain an 'after_host_pause' flag."""
+def host_results(probe, skip_times, skipped_at: list[dict], active_since: float, active_seconds: float,
+                 rate_hz: float) -> dict:
+    """The host's pauses over the active window (the probe process's view) and how
+    many skipped ticks came during or just after one (see the module docstring); each
+    entry of skipped_at (one per skip_times entry) gains an 'after_host_pause' flag."""
     if probe is None:
         return {"host_probe": False}
     pauses = [p for p in probe.pauses if active_since <= p.ended and p.started <= active_since + active_seconds]
-    skip_times = [at for at, _ in health.skip_times]
-    flags = attribute(skip_times, pauses, grace_s=HOST_PAUSE_GRACE_PERIODS / rate_hz)
+    flags = attribute([at for at, _ in skip_times], pauses, grace_s=HOST_PAUSE_GRACE_PERIODS / rate_hz)
+    for entry, flag in zip(skipped_at, flags):
+        entry["after_host_pause"] = flag
     out = {"host_probe": True, "host_pause_threshold_ms": THRESHOLD_S * 1e3,
            "host_pause_count": len(pauses), "host_pause_max_ms": max((p.seconds for p in pauses), default=0) * 1e3,
            "host_late_p99_ms": None if probe.late_p99_s is None else probe.late_p99_s * 1e3,
@@ -448,7 +451,11 @@ def main(duration: float = 10.0, model: str = "pi05", checkpoint: str | None = N
                     print("demo failed: the policy node did not configure (see the log)")
                     return 1
                 if probe is not None:
-                    probe.start()  # now: its process is up before activation
+                    try:
+                        probe.start()  # now: its process is up before activation
+                    except OSError as error:  # a diagnostic: the demo runs without it
+                        print(f"host-pause probe not started ({error}); running without it")
+                        probe = None
                 # Activate once the robot's streams reach the node (a process of its own
                 # needs a moment to start), so no tick starts without inputs.
                 try:

@@ -66,6 +66,7 @@ def test_demo_prints_chunks_and_a_summary(flashrt_ros_command, tiny_checkpoint, 
     assert all(-0.1 <= p["at_s"] <= numbers["active_seconds"] and p["ms"] > 5 for p in numbers["host_pauses"])
     assert numbers["host_pause_max_ms"] == max([p["ms"] for p in numbers["host_pauses"]], default=0)
     assert 0 <= numbers["skipped_after_host_pause"] <= sum(numbers["skipped"].values())
+    assert sum(skip["after_host_pause"] for skip in numbers["skipped_at"]) == numbers["skipped_after_host_pause"]
     assert re.search(r"host pauses \(a probe process woke over 5 ms late\): \d+, longest [\d.]+ ms", out)
 
 
@@ -99,3 +100,27 @@ def test_demo_writes_a_missing_checkpoint(tmp_path, monkeypatch):
     path = demo_checkpoint("pi05")
     assert path == tmp_path / "checkpoints" / "pi05_tiny"
     assert (path / "config.json").is_file() and not path.with_name("pi05_tiny.tmp").exists()
+
+
+def test_host_results_mark_the_skips_that_followed_a_host_pause():
+    """The demo's host figures: only pauses overlapping the active window count, and a
+    skip is the host's when it came during a pause or within 3 periods after one."""
+    from flashrt_ros.demo import host_results
+    from flashrt_ros.host_pauses import Pause, ProbeResult
+
+    active_since, active_seconds, rate_hz = 100.0, 10.0, 50.0   # grace 3 / 50 = 60 ms
+    pauses = [Pause(99.0, 0.02),     # before activation: left out
+              Pause(102.0, 0.03),    # ends 102.03
+              Pause(105.0, 0.008),   # ends 105.008
+              Pause(111.0, 0.5)]     # after the window: left out
+    probe = ProbeResult(wakeups=10_000, late_p50_s=1e-4, late_p99_s=2e-4, late_max_s=0.5, pauses=pauses,
+                        steal_percent=0.1, cpu_pressure_percent=None)
+    skip_times = [(102.01, "executor stall"), (102.08, "busy"), (102.2, "busy"), (105.05, "executor stall")]
+    skipped_at = [{"at_s": at - active_since, "reason": reason} for at, reason in skip_times]
+    out = host_results(probe, skip_times, skipped_at, active_since, active_seconds, rate_hz)
+    assert out["host_probe"] is True and out["host_pause_count"] == 2
+    assert out["host_pause_max_ms"] == pytest.approx(30.0)
+    assert [p["at_s"] for p in out["host_pauses"]] == pytest.approx([2.0, 5.0])
+    assert [s["after_host_pause"] for s in skipped_at] == [True, True, False, True]
+    assert out["skipped_after_host_pause"] == 3
+    assert host_results(None, skip_times, skipped_at, active_since, active_seconds, rate_hz) == {"host_probe": False}
