@@ -112,7 +112,8 @@ def probe(duration_s: float | None = None, period_s: float = PERIOD_S, threshold
     return result
 
 
-def _probe_process(stop, results, period_s: float, threshold_s: float) -> None:
+def _probe_process(ready, stop, results, period_s: float, threshold_s: float) -> None:
+    ready.set()
     results.put(probe(None, period_s, threshold_s, stop=stop))
 
 
@@ -124,17 +125,21 @@ class HostPauseProbe:
     def __init__(self, period_s: float = PERIOD_S, threshold_s: float = THRESHOLD_S):
         self.period_s, self.threshold_s = period_s, threshold_s
         self.result: ProbeResult | None = None
+        self._ready = _SPAWN.Event()
         self._stop = _SPAWN.Event()
         self._results = _SPAWN.Queue()
         self._process = _SPAWN.Process(target=_probe_process, name="flashrt-host-probe", daemon=True,
-                                       args=(self._stop, self._results, period_s, threshold_s))
+                                       args=(self._ready, self._stop, self._results, period_s, threshold_s))
 
     @property
     def pid(self) -> int | None:
         return self._process.pid
 
-    def start(self) -> HostPauseProbe:
+    def start(self, timeout_s: float = 10.0) -> HostPauseProbe:
+        """Start the probe process and wait (up to timeout_s) until it is probing: a
+        fresh interpreter takes a few hundred ms to get there."""
         self._process.start()
+        self._ready.wait(timeout_s)
         return self
 
     def stop(self) -> ProbeResult | None:

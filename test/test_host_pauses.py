@@ -14,8 +14,8 @@ def test_a_stopped_probe_process_reports_the_pause_where_it_happened():
     """SIGSTOP is what a host pause looks like to a process: not running for a while.
     The probe reports one pause covering the stop, at the time it began, on the clock
     the node's skip times use."""
-    with HostPauseProbe() as host:
-        time.sleep(1.0)  # the spawned interpreter starts and enters its loop
+    with HostPauseProbe() as host:  # returns once the probe process is probing
+        time.sleep(0.1)
         stopped = time.monotonic()
         os.kill(host.pid, signal.SIGSTOP)
         time.sleep(0.3)
