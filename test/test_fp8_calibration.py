@@ -153,3 +153,16 @@ def test_bad_observation_fails_before_any_scale_moves(fp8_policy):
     with pytest.raises(StateError):
         policy.calibrate([camera_observation(policy), bad])
     assert scales(policy) == before and policy.calibration_source == "provisional"
+
+
+def test_fp8_linear_refuses_the_fused_gelu_epilogue():
+    """Fp8Linear would inherit Linear.gelu_tanh and run it on its dequantized fp32 weight;
+    it says that epilogue has no FP8 form instead (SigLIP, its one user, stays bf16)."""
+    import torch
+
+    from flashrt_core.runtime.precision import Fp8Linear, Linear
+
+    linear = Linear(torch.randn(8, 16, dtype=torch.bfloat16), name="vision.fc1")
+    fp8 = Fp8Linear(linear, scratch=torch.empty(64, dtype=torch.float8_e4m3fn))
+    with pytest.raises(NotImplementedError, match="vision.fc1: the fused GELU epilogue has no FP8 form"):
+        fp8.gelu_tanh(torch.randn(4, 16, dtype=torch.bfloat16), out=torch.empty(4, 8, dtype=torch.bfloat16))

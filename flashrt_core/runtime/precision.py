@@ -108,6 +108,13 @@ class Fp8Linear(Linear):
         k = self.weight8.shape[1]
         return self.scratch[:rows * k].view(rows, k)
 
+    def gelu_tanh(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Not for FP8: torch's fused GELU epilogue is a bf16 / fp32 GEMM (the runtime keeps
+        SigLIP, its one user, out of FP8). Inherited, it would run on the dequantized fp32
+        weight; this says so instead."""
+        raise NotImplementedError(f"{self.name or 'this GEMM'}: the fused GELU epilogue has no FP8 form; "
+                                  "keep this layer in bf16")
+
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """x: the bf16 input (quantized here), or quantized_input() already written."""
         if x.dtype != FP8:
