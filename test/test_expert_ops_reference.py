@@ -342,6 +342,15 @@ def _head_args(**over):
     (lambda: expert.velocity_euler_embed(rnd(3, 8), **_head_args(w_in=rnd(8, 64))), "w_in"),
     (lambda: expert.velocity_euler_embed(rnd(3, 8), **_head_args(out=None)), "needs out"),
     (lambda: expert.velocity_euler_embed(rnd(3, 8), **_head_args(b_in=rnd(64, dtype=BF16))), "dtype"),
+    # one tensor on another device (meta stands in for a second device on the CPU)
+    (lambda: expert.linear(rnd(2, 64, dtype=BF16), rnd(16, 64, dtype=BF16).to("meta")), "w is on meta, expected cpu"),
+    (lambda: expert.linear_gated_residual(rnd(2, 64, dtype=BF16), rnd(16, 64, dtype=BF16),
+                                          rnd(2, 16, dtype=BF16).to("meta")), "residual is on meta"),
+    (lambda: expert.linear_qkv_rope(**_qkv_args(positions=torch.zeros(2, dtype=torch.int32, device="meta"))),
+     "positions is on meta"),
+    (lambda: expert.decode_attention(rnd(2, 2, 16, dtype=BF16), rnd(5, 1, 16, dtype=BF16),
+                                     rnd(5, 1, 16, dtype=BF16), bias=torch.zeros(5, device="meta")), "bias is on meta"),
+    (lambda: expert.velocity_euler_embed(rnd(3, 8), **_head_args(b_in=rnd(64).to("meta"))), "b_in is on meta"),
     (lambda: expert.pack_gate_up(rnd(12, 8), rnd(12, 8)), "F % 8"),
     (lambda: expert.pack_qkv_rope(rnd(40, 8), rnd(20, 8), rnd(20, 8), 20), "multiple of 16"),
 ])

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from flashrt_core import kernels
-from flashrt_core.ops import _check_shape, _check_tensor, _fail, _launch, _ptr, kernels_enabled
+from flashrt_core.ops import _check_same_device, _check_shape, _check_tensor, _fail, _launch, _ptr, kernels_enabled
 from flashrt_core.ops import expert_reference as twin
 from flashrt_core.ops.expert_reference import AdaRmsNorm, AttentionLaunch, LinearLaunch, RmsNorm, pair_order
 from flashrt_core.ops.reference import FP8, FP8_MAX
@@ -152,10 +152,7 @@ def _check_linear(op: str, x, w, w_scale, norm, **vectors) -> tuple[int, int, in
         dtypes.add(t.dtype)
     if len(dtypes) > 1:
         _fail(op, f"norm and per-feature vectors must share one dtype, got {sorted(map(str, dtypes))}")
-    tensors = [w, w_scale] + [t for t in named.values() if t is not None]
-    for t in tensors:
-        if t is not None and t.device != x.device:
-            _fail(op, f"all tensors must be on {x.device}, found one on {t.device}")
+    _check_same_device(op, x, w=w, w_scale=w_scale, **named)
     return m, n, k, (dtypes.pop() if dtypes else None)
 
 
@@ -289,8 +286,7 @@ def linear_gated_residual(x, w, residual, *, gate=None, w_scale=None, norm=None,
     op = "expert.linear_gated_residual"
     m, n, k, param_dtype = _check_linear(op, x, w, w_scale, norm, gate=gate)
     _check_rows(op, "residual", residual, (BF16, torch.float32), m, n)
-    if residual.device != x.device:
-        _fail(op, f"residual is on {residual.device}, expected {x.device}")
+    _check_same_device(op, x, residual=residual)
     if _overlap(x, residual):
         _fail(op, "x and residual must not share memory (residual is written while x is read)")
     module = _linear_module(x, w, norm, m, n, k, w_scale, gate, residual)
@@ -347,9 +343,7 @@ def linear_qkv_rope(x, w, *, cos, sin, positions, k_cache, v_cache, cache_offset
         _check_shape(op, "q_out", q_out, (m, num_q_heads, head_dim))
         if not q_out.is_contiguous():
             _fail(op, "q_out must be contiguous")
-    for t in (cos, sin, positions, cache_offset, q_out):
-        if t is not None and t.device != x.device:
-            _fail(op, f"all tensors must be on {x.device}, found one on {t.device}")
+    _check_same_device(op, x, cos=cos, sin=sin, positions=positions, cache_offset=cache_offset, q_out=q_out)
     module = _linear_module(x, w, norm, m, n, k, w_scale, k_cache, v_cache, cos, sin, positions, cache_offset,
                             q_out)
     if module is None:
@@ -393,9 +387,7 @@ def decode_attention(q, k, v, *, bias=None, scale=None, out=None, launch: Attent
     if out is not None:
         _check_tensor(op, "out", out, (BF16,), ndim=3)
         _check_shape(op, "out", out, q.shape)
-    for t in (k, v, bias, out):
-        if t is not None and t.device != q.device:
-            _fail(op, f"all tensors must be on {q.device}, found one on {t.device}")
+    _check_same_device(op, q, k=k, v=v, bias=bias, out=out)
     scale = head_dim**-0.5 if scale is None else float(scale)
     module = _kernel_module(q, k, v, bias, out)
     kv_stride = k.stride(0) if keys > 1 else num_kv_heads * head_dim
@@ -438,13 +430,14 @@ def velocity_euler_embed(x_t, *, res=None, norm=None, w_out=None, b_out=None, dt
         _fail(op, "nothing to do: give res (velocity and Euler step) and / or w_in (embedding)")
     f32 = (torch.float32,)
     dim = None
+    vectors = _norm_vectors(norm) if res is not None else ()  # RMS: (weight,); adaRMS: (scale, shift)
     if res is not None:
         _check_tensor(op, "res", res, X_DTYPES, ndim=2)
         dim = res.shape[1]
         _check_rows(op, "res", res, X_DTYPES, rows, dim)
         if type(norm) not in (RmsNorm, AdaRmsNorm):
             _fail(op, f"res needs norm RmsNorm or AdaRmsNorm, got {type(norm).__name__}")
-        for t in _norm_vectors(norm):
+        for t in vectors:
             _check_tensor(op, "norm vector", t, f32, ndim=1)
             _check_shape(op, "norm vector", t, (dim,))
         _check_tensor(op, "w_out", w_out, f32, ndim=2)
@@ -460,14 +453,10 @@ def velocity_euler_embed(x_t, *, res=None, norm=None, w_out=None, b_out=None, dt
         if out is None:
             _fail(op, "the embedding needs out")
         _check_rows(op, "out", out, X_DTYPES, rows, dim)
-    # RMS: (weight,); adaRMS: (scale, shift); no velocity half: nothing
-    vectors = _norm_vectors(norm) if res is not None else ()
     norm_weight, norm_shift = (*vectors, None, None)[:2]
-    tensors = (x_t, res, *vectors, w_out, b_out, w_in, b_in, out)
-    for t in tensors:
-        if t is not None and t.device != x_t.device:
-            _fail(op, f"all tensors must be on {x_t.device}, found one on {t.device}")
-    module = _kernel_module(*tensors)
+    _check_same_device(op, x_t, res=res, norm_weight=norm_weight, norm_shift=norm_shift, w_out=w_out, b_out=b_out,
+                       w_in=w_in, b_in=b_in, out=out)
+    module = _kernel_module(x_t, res, *vectors, w_out, b_out, w_in, b_in, out)
     kernel = (module is not None and hasattr(module, "velocity_euler_embed")
               and all(t is None or t.dtype == BF16 for t in (res, out))
               and all(t is None or t.is_contiguous() for t in (*vectors, w_out, b_out, w_in, b_in))
