@@ -325,20 +325,21 @@ def results(policy, active_since: float, active_seconds: float, consumer: dict, 
         out.update(_percentiles_ms(name, window))
     out.update({k: v for k, v in consumer.items() if k.startswith("observation_to_receive")})
     out.update(gc_results(policy.gc_pauses, health, active_since))
-    out.update(host_results(host_probe, list(health.skip_times), out["skipped_at"], active_since,
-                            active_seconds, out["target_hz"]))
+    out.update(host_results(host_probe, out["skipped_at"], active_since, active_seconds, out["target_hz"]))
     return out
 
 
-def host_results(probe, skip_times, skipped_at: list[dict], active_since: float, active_seconds: float,
+def host_results(probe, skipped_at: list[dict], active_since: float, active_seconds: float,
                  rate_hz: float) -> dict:
     """The host's pauses over the active window (the probe process's view) and how
     many skipped ticks came during or just after one (see the module docstring); each
-    entry of skipped_at (one per skip_times entry) gains an 'after_host_pause' flag."""
+    entry of skipped_at ({"at_s": seconds since activation, ...}) gains an
+    'after_host_pause' flag."""
     if probe is None:
         return {"host_probe": False}
     pauses = [p for p in probe.pauses if active_since <= p.ended and p.started <= active_since + active_seconds]
-    flags = attribute([at for at, _ in skip_times], pauses, grace_s=HOST_PAUSE_GRACE_PERIODS / rate_hz)
+    flags = attribute([active_since + skip["at_s"] for skip in skipped_at], pauses,
+                      grace_s=HOST_PAUSE_GRACE_PERIODS / rate_hz)
     for entry, flag in zip(skipped_at, flags):
         entry["after_host_pause"] = flag
     out = {"host_probe": True, "host_pause_threshold_ms": THRESHOLD_S * 1e3,
@@ -362,7 +363,7 @@ def gc_results(gc_pauses, health, active_since: float) -> dict:
                               "ms": seconds * 1e3}
                              for ended, generation, seconds in gc_pauses.slow_pauses()]
     out["skipped_at"] = [{"at_s": at - active_since, "reason": reason}
-                         for at, reason in health.skip_times]  # host_results adds the host's part
+                         for at, reason in health.skip_times]
     return out
 
 

@@ -123,7 +123,6 @@ class HostPauseProbe:
     may be called again, or without start()."""
 
     def __init__(self, period_s: float = PERIOD_S, threshold_s: float = THRESHOLD_S):
-        self.period_s, self.threshold_s = period_s, threshold_s
         self.result: ProbeResult | None = None
         self._ready = _SPAWN.Event()
         self._stop = _SPAWN.Event()

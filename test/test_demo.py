@@ -117,10 +117,10 @@ def test_host_results_mark_the_skips_that_followed_a_host_pause():
                         steal_percent=0.1, cpu_pressure_percent=None)
     skip_times = [(102.01, "executor stall"), (102.08, "busy"), (102.2, "busy"), (105.05, "executor stall")]
     skipped_at = [{"at_s": at - active_since, "reason": reason} for at, reason in skip_times]
-    out = host_results(probe, skip_times, skipped_at, active_since, active_seconds, rate_hz)
+    out = host_results(probe, skipped_at, active_since, active_seconds, rate_hz)
     assert out["host_probe"] is True and out["host_pause_count"] == 2
     assert out["host_pause_max_ms"] == pytest.approx(30.0)
     assert [p["at_s"] for p in out["host_pauses"]] == pytest.approx([2.0, 5.0])
     assert [s["after_host_pause"] for s in skipped_at] == [True, True, False, True]
     assert out["skipped_after_host_pause"] == 3
-    assert host_results(None, skip_times, skipped_at, active_since, active_seconds, rate_hz) == {"host_probe": False}
+    assert host_results(None, skipped_at, active_since, active_seconds, rate_hz) == {"host_probe": False}
