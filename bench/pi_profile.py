@@ -34,11 +34,14 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=48)
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--expert-path", default="auto", choices=["auto", "small_m", "gemm"],
+                        help="the runtime's expert path (auto: small-M kernels up to 16 rows, cuBLAS above)")
     args = parser.parse_args(argv)
     require_cuda_and_kernels("pi_profile")
     config = replace(PiConfig(variant=args.model), action_horizon=args.horizon)
     weights = synthetic.random_state_dict(config, seed=0, device="cuda", dtype=torch.bfloat16)
-    fast = PiGraphRuntime.from_state_dict(config, weights, device="cuda", precision=args.precision)
+    fast = PiGraphRuntime.from_state_dict(config, weights, device="cuda", precision=args.precision,
+                                          expert_path=args.expert_path)
     obs = synthetic.random_observation(config, args.views, args.prompt_tokens, seed=0)
     if args.precision == "fp8":
         fast.calibrate([obs])

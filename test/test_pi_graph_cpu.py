@@ -8,6 +8,7 @@ import torch
 from flashrt_core import synthetic
 from flashrt_core.checkpoint import load_state_dict, read_checkpoint
 from flashrt_core.models.pi0 import PiModel
+from flashrt_core.ops import expert as expert_ops
 from flashrt_core.runtime.pi0_graph import PiGraphRuntime, prompt_buckets
 
 
@@ -64,6 +65,22 @@ def test_small_m_expert_path_matches_gemm_path(backends):
     cosine = torch.nn.functional.cosine_similarity
     assert cosine(small_m.flatten(), gemm.flatten(), 0) > 0.999
     assert cosine(small_m.flatten(), expected.flatten(), 0) > 0.999
+
+
+def test_gemm_expert_path_attends_with_the_expert_kernel_op(backends, monkeypatch):
+    """Where the expert's attention kernel runs (bf16, head_dim 256 on the GPU), the cuBLAS
+    expert path attends through it instead of the generic decode_attention. Forced here on
+    the CPU, where the op runs its twin: same actions as the generic op (keys, bias, rows
+    and Pi0's separate state pass wired alike)."""
+    config, reference, _ = backends
+    weights = {PiModel.checkpoint_name(k): v for k, v in reference.state_dict().items()}
+    obs = synthetic.random_observation(config, 2, 11, seed=5, view_mask=(True, False))
+    generic = PiGraphRuntime.from_state_dict(config, weights, device="cpu", precision="bf16", expert_path="gemm")
+    monkeypatch.setattr(expert_ops, "attention_runs_on_kernel", lambda *args: True)
+    expert = PiGraphRuntime.from_state_dict(config, weights, device="cpu", precision="bf16", expert_path="gemm")
+    assert expert.w.expert_attention_kernel and not generic.w.expert_attention_kernel
+    assert expert._session(2).attn_workspace == {}
+    torch.testing.assert_close(expert.sample_actions(*obs), generic.sample_actions(*obs), rtol=2e-2, atol=2e-2)
 
 
 def test_fp8_prefix_with_quantizing_producers(backends, monkeypatch):

@@ -9,6 +9,7 @@ import torch
 
 from flashrt_core import synthetic
 from flashrt_core.models.pi0 import PiConfig, PiModel
+from flashrt_core.ops import expert as expert_ops
 from flashrt_core.runtime.pi0_graph import PiGraphRuntime
 
 pytestmark = pytest.mark.gpu
@@ -45,12 +46,17 @@ def test_fast_path_matches_fp32_reference(full_model, precision):
         assert cosine(actual, expected) >= COSINE_GATE[precision], (view_mask, prompt_tokens)
 
 
-def test_gemm_expert_path_matches_fp32_reference(full_model):
+@pytest.mark.parametrize("expert_attention", [True, False])
+def test_gemm_expert_path_matches_fp32_reference(full_model, monkeypatch, expert_attention):
     """The expert on cuBLAS + elementwise kernels (the path of horizons over 16 rows, e.g.
-    Pi0's 50): Pi0's state pass and action pass run decode attention on different token
-    counts, each with its own workspace."""
+    Pi0's 50), attending through the expert's attention kernel (where it runs) or the
+    generic decode_attention (elsewhere): there Pi0's state pass and action pass run on
+    different token counts, each with its own workspace."""
     config, weights, reference = full_model
+    if not expert_attention:
+        monkeypatch.setattr(expert_ops, "attention_runs_on_kernel", lambda *args: False)
     fast = PiGraphRuntime.from_state_dict(config, weights, device="cuda", precision="bf16", expert_path="gemm")
+    assert fast.w.expert_attention_kernel == expert_attention
     for prompt_tokens in (20, 45):
         obs = synthetic.random_observation(config, 2, prompt_tokens, seed=prompt_tokens)
         for _ in range(2):  # a second call reuses every workspace

@@ -193,6 +193,12 @@ def _kernel_module(*tensors: torch.Tensor | None):
     return module
 
 
+def attention_runs_on_kernel(head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether decode_attention takes its kernel for q / k / v of `dtype` and `head_dim` on
+    `device` (otherwise it runs its PyTorch twin)."""
+    return dtype == BF16 and head_dim == ATTENTION_HEAD_DIM and _device_module(device) is not None
+
+
 def layer_runs_on_kernels(rows: int, width: int, mlp_dim: int, num_heads: int, num_kv_heads: int,
                           head_dim: int, device: torch.device) -> bool:
     """Whether every op of an expert layer over `rows` tokens (bf16 weights, norm

@@ -99,6 +99,10 @@ class _Weights:
     def __init__(self, config: PiConfig, sd: dict[str, torch.Tensor], device, dtype, fused_expert: bool):
         self.config, self.device, self.dtype = config, device, dtype
         self.fused_expert = fused_expert
+        # The cuBLAS expert path (above 16 rows) attends with the small-M path's attention
+        # kernel where it runs: 3x faster than the generic decode_attention at 50 tokens
+        # (15 vs 47 us a layer on the H100, BENCHMARKS.md session 13).
+        self.expert_attention_kernel = expert_ops.attention_runs_on_kernel(config.expert.head_dim, dtype, device)
 
         def take(name, to=dtype):
             return sd.pop(name).to(device=device, dtype=to)
@@ -321,10 +325,12 @@ class _Session:
         self.e_qkv = buf(s, (ec.num_heads + 2 * ec.num_kv_heads) * ec.head_dim)
         self.e_q, self.e_attn = buf(s, ec.num_heads, ec.head_dim), buf(s, ec.num_heads, ec.head_dim)
         self.e_gu, self.e_mlp = buf(s, 2 * ec.mlp_dim), buf(s, ec.mlp_dim)
-        # decode_attention's workspace layout depends on the token count: one per token
-        # group (Pi0's state pass and its action pass must not share one).
-        self.attn_workspace = {first: ops.decode_attention_workspace(
-            (rows, ec.num_heads, ec.head_dim), (max_keys, ec.num_kv_heads, ec.head_dim), dev)
+        # The generic decode_attention's workspace layout depends on the token count: one per
+        # token group (Pi0's state pass and its action pass must not share one). The expert's
+        # attention kernel merges its splits on chip and needs none.
+        self.attn_workspace = {} if w.fused_expert or w.expert_attention_kernel else {
+            first: ops.decode_attention_workspace(
+                (rows, ec.num_heads, ec.head_dim), (max_keys, ec.num_kv_heads, ec.head_dim), dev)
             for first, rows in groups}
 
         self.graphs: dict[int, CapturedForward] = {}
@@ -585,8 +591,13 @@ class PiGraphRuntime:
                                cache_offset=row0, q_scale=ec.head_dim**-0.5, out=q)
             if step is None and i == depth - 1:
                 return  # state pass: only its K/V are read later
-            ops.decode_attention(q, s.k_cache[i, :keys], s.v_cache[i, :keys], s.key_bias[:keys], scale=1.0,
-                                 out=attn, workspace=s.attn_workspace[first])
+            if w.expert_attention_kernel:  # K/V rows before this group's are loaded early under PDL
+                expert_ops.decode_attention(q, s.k_cache[i, :keys], s.v_cache[i, :keys], bias=s.key_bias[:keys],
+                                            scale=1.0, out=attn, launch=AttentionLaunch(pdl=self._pdl),
+                                            stable_keys=row0)
+            else:
+                ops.decode_attention(q, s.k_cache[i, :keys], s.v_cache[i, :keys], s.key_bias[:keys], scale=1.0,
+                                     out=attn, workspace=s.attn_workspace[first])
             layer["o"](attn.view(rows, -1), out=o)
             norm(1, i, o, (i, 0))
             layer["gate_up"](h, out=gu)
