@@ -278,10 +278,11 @@ class _Session:
             return torch.zeros(shape, dtype=dtype, device=dev)
 
         # Per-call inputs, carved from one staging block (one host-to-device copy). Suffix
-        # token groups by first row: Pi0's state token (once per call) and the actions
-        # (every step), each with its RoPE positions and first KV-cache row (16-byte aligned
-        # tensors of their own: the small-M kernels read them on device).
-        groups = [(0, cfg.action_horizon)] if cfg.pi05 else [(0, 1), (1, cfg.action_horizon)]
+        # token groups by first row, each with its RoPE positions and first KV-cache row
+        # (16-byte aligned tensors of their own: the small-M kernels read them on device).
+        # Pi0: flow step 0 runs the state token with the actions (rows 0 .. H), later steps
+        # the actions alone (rows 1 .. H) against the state's cached K/V.
+        groups = [(0, cfg.action_horizon)] if cfg.pi05 else [(0, self.suffix_len), (1, cfg.action_horizon)]
         fields = {
             "tokens": ((max_bucket,), torch.int64),
             "key_bias": ((max_keys,), torch.float32),       # 0 valid, MASKED_LOGIT masked
@@ -316,7 +317,7 @@ class _Session:
         self.v_cache = buf(gc.depth, max_keys, gc.num_kv_heads, gc.head_dim)
         cos, sin = rope_tables(torch.arange(max_keys, device=dev)[None], gc.head_dim, gc.rope_theta)
         self.rope_cos, self.rope_sin = cos[0, 0].contiguous(), sin[0, 0].contiguous()
-        # expert (action tokens; Pi0's state pass uses the first row)
+        # expert (action tokens; Pi0's state token is row 0)
         s = self.suffix_len
         self.x_t = buf(cfg.action_horizon, cfg.action_dim, dtype=torch.float32)
         self.a_emb = buf(cfg.action_horizon, ec.width, dtype=torch.float32)
@@ -325,6 +326,10 @@ class _Session:
         self.e_qkv = buf(s, (ec.num_heads + 2 * ec.num_kv_heads) * ec.head_dim)
         self.e_q, self.e_attn = buf(s, ec.num_heads, ec.head_dim), buf(s, ec.num_heads, ec.head_dim)
         self.e_gu, self.e_mlp = buf(s, 2 * ec.mlp_dim), buf(s, ec.mlp_dim)
+        # Pi0's step 0: a key bias per row (the state token must not see the actions), rows
+        # of `keys` floats back to back for the bucket's key count (the generic attention
+        # reads rows of exactly `keys`).
+        self.state_step_bias = None if cfg.pi05 else buf(s * max_keys, dtype=torch.float32)
         # The generic decode_attention's workspace layout depends on the token count: one per
         # token group (Pi0's state pass and its action pass must not share one). The expert's
         # attention kernel merges its splits on chip and needs none.
@@ -547,26 +552,33 @@ class PiGraphRuntime:
             return out[0].transpose(0, 1)
         return attend
 
-    def _expert_norm(self, layer: int, which: int, step: int | None):
+    def _expert_norm(self, layer: int, which: int, step: int):
         """(norm, gate of the residual add after its block) of the input (which=0) or
         post-attention (1) norm of expert `layer`; layer == depth: the final norm.
-        Pi0.5 flow steps: adaRMS with the step's precomputed (scale, shift, gate);
-        Pi0 and the state pass (step None): RMSNorm with its weight, no gate."""
+        Pi0.5: adaRMS with the flow step's precomputed (scale, shift, gate); Pi0: RMSNorm
+        with its weight, no gate."""
         w = self.w
         depth = len(w.expert_layers)
-        if step is not None and self.config.pi05:
+        if self.config.pi05:
             scale, shift, gate = w.adarms[step, layer, which] if layer < depth else w.adarms_final[step]
             return AdaRmsNorm(scale, shift), gate
         weight = (w.expert_layers[layer]["in_norm" if which == 0 else "post_norm"] if layer < depth
                   else w.expert_final_norm)
         return RmsNorm(weight), None
 
-    def _expert(self, s: _Session, prefix_len: int, first: int, rows: int, step: int | None) -> None:
-        """Expert layers over `rows` suffix tokens in e_res[:rows], whose K/V go to cache rows
-        prefix_len + first ...; they attend to every key before and including themselves.
-        Leaves the residual stream in e_res: the final norm is the flow step's
-        (velocity_euler_embed). step None: Pi0's state pass (plain norms; stops after the
-        last layer's K/V)."""
+    def _suffix_bias(self, s: _Session, keys: int, first: int, rows: int) -> torch.Tensor:
+        """Attention bias of suffix rows [first, first + rows) over the first `keys` keys:
+        the shared key bias, or Pi0's step-0 bias (one row each: the state token's masks
+        the actions), which _forward writes."""
+        if first == 0 and s.state_step_bias is not None:
+            return s.state_step_bias[:rows * keys].view(rows, keys)
+        return s.key_bias[:keys]
+
+    def _expert(self, s: _Session, prefix_len: int, first: int, rows: int, step: int) -> None:
+        """Expert layers over suffix rows [first, first + rows) of e_res, whose K/V go to
+        cache rows prefix_len + first ...; they attend to the valid prefix, the suffix rows
+        before them and their own rows (_suffix_bias). Leaves the residual stream in e_res:
+        the final norm is the flow step's (velocity_euler_embed)."""
         if self.w.fused_expert:
             return self._expert_small_m(s, prefix_len, first, rows, step)
         w, ec = self.w, self.config.expert
@@ -574,7 +586,7 @@ class PiGraphRuntime:
             s.e_res, s.e_h, s.e_o, s.e_qkv, s.e_q, s.e_attn, s.e_gu, s.e_mlp))
         row0 = prefix_len + first
         keys = row0 + rows
-        positions = s.group_positions[first]
+        positions, bias = s.group_positions[first], self._suffix_bias(s, keys, first, rows)
         depth = len(w.expert_layers)
 
         def norm(which: int, layer: int, added: torch.Tensor | None, gate_of: tuple[int, int]):
@@ -589,15 +601,12 @@ class PiGraphRuntime:
             layer["qkv"](h, out=qkv)
             ops.qkv_rope_split(qkv, s.rope_cos, s.rope_sin, positions, s.k_cache[i], s.v_cache[i],
                                cache_offset=row0, q_scale=ec.head_dim**-0.5, out=q)
-            if step is None and i == depth - 1:
-                return  # state pass: only its K/V are read later
             if w.expert_attention_kernel:  # K/V rows before this group's are loaded early under PDL
-                expert_ops.decode_attention(q, s.k_cache[i, :keys], s.v_cache[i, :keys], bias=s.key_bias[:keys],
-                                            scale=1.0, out=attn, launch=AttentionLaunch(pdl=self._pdl),
-                                            stable_keys=row0)
+                expert_ops.decode_attention(q, s.k_cache[i, :keys], s.v_cache[i, :keys], bias=bias, scale=1.0,
+                                            out=attn, launch=AttentionLaunch(pdl=self._pdl), stable_keys=row0)
             else:
-                ops.decode_attention(q, s.k_cache[i, :keys], s.v_cache[i, :keys], s.key_bias[:keys], scale=1.0,
-                                     out=attn, workspace=s.attn_workspace[first])
+                ops.decode_attention(q, s.k_cache[i, :keys], s.v_cache[i, :keys], bias, scale=1.0, out=attn,
+                                     workspace=s.attn_workspace[first])
             layer["o"](attn.view(rows, -1), out=o)
             norm(1, i, o, (i, 0))
             layer["gate_up"](h, out=gu)
@@ -609,7 +618,7 @@ class PiGraphRuntime:
         else:
             ops.gated_add(o, res, gate)
 
-    def _expert_small_m(self, s: _Session, prefix_len: int, first: int, rows: int, step: int | None) -> None:
+    def _expert_small_m(self, s: _Session, prefix_len: int, first: int, rows: int, step: int) -> None:
         """`_expert` with the small-M kernels: per layer 5 launches, each reading its weights
         once; norms run as GEMM prologues, RoPE + KV-cache write, GeGLU and the gated residual
         as epilogues. PDL lets each kernel start loading weights while the previous drains."""
@@ -617,7 +626,7 @@ class PiGraphRuntime:
         res, q, attn, mlp = (t[first:first + rows] for t in (s.e_res, s.e_q, s.e_attn, s.e_mlp))
         keys = prefix_len + first + rows
         positions, cache_row = s.group_positions[first], s.group_cache_row[first]
-        depth = len(w.expert_layers)
+        bias = self._suffix_bias(s, keys, first, rows)
         lin, att = LinearLaunch(pdl=self._pdl), AttentionLaunch(pdl=self._pdl)
 
         for i, layer in enumerate(w.expert_layers):
@@ -626,12 +635,10 @@ class PiGraphRuntime:
                                        sin=s.rope_sin, positions=positions, k_cache=s.k_cache[i],
                                        v_cache=s.v_cache[i], cache_offset=cache_row, q_out=q,
                                        q_scale=ec.head_dim**-0.5, launch=lin)
-            if step is None and i == depth - 1:
-                return  # state pass: only its K/V are read later
             # Only this group's K/V rows come from the QKV launch just before; the older
             # rows and the bias are loaded while that launch drains.
-            expert_ops.decode_attention(q, s.k_cache[i, :keys], s.v_cache[i, :keys], bias=s.key_bias[:keys],
-                                        scale=1.0, out=attn, launch=att, stable_keys=keys - rows)
+            expert_ops.decode_attention(q, s.k_cache[i, :keys], s.v_cache[i, :keys], bias=bias, scale=1.0,
+                                        out=attn, launch=att, stable_keys=keys - rows)
             expert_ops.linear_gated_residual(attn.view(rows, -1), layer["o"], res, gate=gate_attn,
                                              w_scale=layer["o_scale"], launch=lin)
             norm, gate_mlp = self._expert_norm(i, 1, step)
@@ -651,7 +658,9 @@ class PiGraphRuntime:
         """x_t <- x_t + dt * v(x_t, t_step). The action rows of e_res hold the embedded x_t
         (Pi0.5: written by the previous step's velocity_euler_embed, or _forward's);
         after the expert one op runs its final norm, the velocity head, the Euler step and
-        (Pi0.5, all but the last step) the next step's embedding."""
+        (Pi0.5, all but the last step) the next step's embedding. Pi0's step 0 also runs
+        the state token (row 0, written by _forward): its K/V serve every later step, and
+        the expert's launches cost the same for one more row."""
         cfg, w = self.config, self.w
         horizon = cfg.action_horizon
         actions = s.e_res[first_action:first_action + horizon]
@@ -661,7 +670,8 @@ class PiGraphRuntime:
             F.silu(s.a_mlp, inplace=True)
             w.action_time_out(s.a_mlp, out=s.a_emb)
             actions.copy_(s.a_emb)
-        self._expert(s, prefix_len, first_action, horizon, step)
+        first = 0 if step == 0 else first_action
+        self._expert(s, prefix_len, first, first_action + horizon - first, step)
         embed_next = cfg.pi05 and step + 1 < cfg.num_steps
         expert_ops.velocity_euler_embed(
             s.x_t, res=actions, norm=self._expert_norm(len(w.expert_layers), 0, step)[0], w_out=w.action_out.weight,
@@ -675,10 +685,15 @@ class PiGraphRuntime:
         self._vision(s)
         self._prefix(s, prefix_len)
         first_action = 0
-        if not cfg.pi05:  # Pi0: the state token's K/V, once per call
+        if not cfg.pi05:  # Pi0: the state token, row 0 of flow step 0
             w.state_proj(s.state, out=s.a_emb[:1])
             s.e_res[:1].copy_(s.a_emb[:1])
-            self._expert(s, prefix_len, 0, 1, None)
+            # step 0's bias: every row sees the valid prefix; the state token sees itself,
+            # the actions see the state and each other (prefix-LM mask, suffix_ar)
+            keys = prefix_len + s.suffix_len
+            bias = self._suffix_bias(s, keys, 0, s.suffix_len)
+            bias.copy_(s.key_bias[:keys].expand(s.suffix_len, keys))
+            bias[0, prefix_len + 1:].fill_(MASKED_LOGIT)
             first_action = 1
         s.x_t.copy_(s.noise)
         if cfg.pi05:  # the first step's embedding; each step's op embeds the next one
