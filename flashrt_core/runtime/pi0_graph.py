@@ -9,9 +9,10 @@ It computes the same function as PiModel; what it does differently, and why that
 - Everything that depends only on the flow step is precomputed: the time embedding, every
   Pi0.5 adaRMS (scale, shift, gate), the time half of Pi0's action_time_mlp_in.
 - Pi0's state token sees only the prefix and itself and has no time input, so its expert
-  K/V are the same at every step: computed once per call, appended to the prefix cache.
-- The last layer of a pass whose output is never read (the prefix; Pi0's state token)
-  stops after writing its K/V.
+  K/V are the same at every step: computed once per call, as row 0 of flow step 0 (a key
+  bias per row keeps the actions out of its view), then read from the cache.
+- The last layer of a pass whose output is never read (the prefix) stops after writing
+  its K/V.
 - Prompts are cut to the smallest bucket holding the valid tokens: padding is right of
   them and masked, so the result is unchanged and a new prompt length reuses a graph.
 - Masked keys get a large finite negative logit (as the reference), never -inf, so a fully
@@ -331,8 +332,8 @@ class _Session:
         # reads rows of exactly `keys`).
         self.state_step_bias = None if cfg.pi05 else buf(s * max_keys, dtype=torch.float32)
         # The generic decode_attention's workspace layout depends on the token count: one per
-        # token group (Pi0's state pass and its action pass must not share one). The expert's
-        # attention kernel merges its splits on chip and needs none.
+        # token group (Pi0's step 0, with the state token, and its later steps must not share
+        # one). The expert's attention kernel merges its splits on chip and needs none.
         self.attn_workspace = {} if w.fused_expert or w.expert_attention_kernel else {
             first: ops.decode_attention_workspace(
                 (rows, ec.num_heads, ec.head_dim), (max_keys, ec.num_kv_heads, ec.head_dim), dev)
