@@ -426,8 +426,9 @@ class ActionHead:
                   w_in=self.w_in if embed else None, b_in=self.b_in, out=out if embed else None, launch=launch)
 
 
-HEAD_SHAPES = [(1, HIDDEN, 32), (10, HIDDEN, 32), (16, HIDDEN, 32), (50, HIDDEN, 32), (64, HIDDEN, 32),
-               (10, 128, 8), (7, 384, 12)]
+# above 16 rows the op splits them over clusters: 17 -> 9 + 8, 33 -> 3 x 11, 50 -> 3 x 13 + 11
+HEAD_SHAPES = [(1, HIDDEN, 32), (10, HIDDEN, 32), (16, HIDDEN, 32), (17, HIDDEN, 32), (50, HIDDEN, 32),
+               (64, HIDDEN, 32), (10, 128, 8), (7, 384, 12), (33, 384, 12)]
 
 
 @pytest.mark.parametrize("rows, dim, actions", HEAD_SHAPES)
@@ -449,11 +450,12 @@ def test_velocity_euler_embed(twins, rows, dim, actions, norm_kind, mode):
         assert_close(out, ref_res if out is res else ref_out, TOL[BF16])
 
 
-def test_velocity_euler_embed_strided_rows_and_pdl_in_a_graph(twins):
+@pytest.mark.parametrize("rows", [10, 50])
+def test_velocity_euler_embed_strided_rows_and_pdl_in_a_graph(twins, rows):
     """The runtime's case: res / out are the action rows of a wider residual buffer, the op
     runs with PDL right after the kernel that wrote res, inside a CUDA graph; replayed on
-    new inputs it matches the twin."""
-    rows, actions = 10, 32
+    new inputs it matches the twin (one cluster at 10 rows, four at 50)."""
+    actions = 32
     head = ActionHead(HIDDEN, actions, "ada")
     stream_rows = torch.empty(rows + 6, HIDDEN + 64, dtype=BF16, device=DEV)  # row stride 1088
     res = stream_rows[3:3 + rows, :HIDDEN]
