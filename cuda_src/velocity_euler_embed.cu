@@ -18,8 +18,8 @@
 // block's shared memory (distributed shared memory); after the cluster barrier block c
 // embeds output columns [c * D/8, ...). Eight SMs share the weight reads (2 x 128 KB
 // fp32 at D = 1024, A = 32), which are constants: they go into registers before the PDL
-// wait, so after it only res and x_t are read. One cluster did all 50 rows of horizon 50
-// in 23.8 us, the whole norm and velocity work of a row group on each block.
+// wait, so after it only res and x_t are read. (One cluster for all 50 rows of horizon 50
+// took 23.8 us, every block normalizing every row; a cluster per group: 10.1 us.)
 #include <cooperative_groups.h>
 
 #include "expert_common.cuh"
@@ -35,7 +35,7 @@ constexpr int kCluster = 8;
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kMaxRows = 64;  // 32 rows of each parity: one per lane in the velocity step
-constexpr int kGroupRows = 16;  // rows per cluster above which the rows are split over clusters
+constexpr int kGroupRows = 16;  // at most this many rows per cluster
 constexpr int kMaxDim = 1024;   // 8 float4 of a row per lane (k = 4 lane + 128 i)
 constexpr int kMaxActions = 32;
 constexpr int kDimChunks = kMaxDim / 128;
