@@ -195,7 +195,7 @@ def _kernel_module(*tensors: torch.Tensor | None):
 
 def attention_runs_on_kernel(head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether decode_attention takes its kernel for q / k / v of `dtype` and `head_dim` on
-    `device` (otherwise it runs its PyTorch twin)."""
+    `device` (given 16-byte aligned tensors in its layouts; otherwise it runs its twin)."""
     return dtype == BF16 and head_dim == ATTENTION_HEAD_DIM and _device_module(device) is not None
 
 
@@ -395,11 +395,12 @@ def decode_attention(q, k, v, *, bias=None, scale=None, out=None, launch: Attent
         _check_shape(op, "out", out, q.shape)
     _check_same_device(op, q, k=k, v=v, bias=bias, out=out)
     scale = head_dim**-0.5 if scale is None else float(scale)
-    module = _kernel_module(q, k, v, bias, out)
+    # the device and shape part of the choice is the runtime's too (attention_runs_on_kernel)
+    module = _kernel_module(q, k, v, bias, out) if attention_runs_on_kernel(head_dim, q.dtype, q.device) else None
     kv_stride = k.stride(0) if keys > 1 else num_kv_heads * head_dim
     kv_layout_ok = all(t.stride(2) == 1 and (t.stride(1) == head_dim or num_kv_heads == 1) for t in (k, v))
     kv_layout_ok = kv_layout_ok and kv_stride % 8 == 0 and (keys == 1 or v.stride(0) == kv_stride)
-    if (module is None or head_dim != ATTENTION_HEAD_DIM or not q.is_contiguous() or not kv_layout_ok
+    if (module is None or not q.is_contiguous() or not kv_layout_ok
             or (out is not None and not out.is_contiguous())):
         return twin.decode_attention(q, k, v, bias=bias, scale=scale, out=out)
     if out is None:
